@@ -1,0 +1,1 @@
+"""Essential built-in plugins: always loaded, cannot be disabled."""

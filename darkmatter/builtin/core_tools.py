@@ -1,0 +1,1 @@
+"""The primitives' MCP tools (filled in with the MCP server)."""

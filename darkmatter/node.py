@@ -1,0 +1,466 @@
+"""The Node: one agent identity on one port, with its plugins, state and services.
+
+A ``Node`` is cheap to construct (it builds its plugin manager and collects what plugins register);
+``await node.start()`` takes the state lock, loads the state, binds the port and starts serving;
+``await node.stop()`` undoes it all. ``async with node:`` does both. Several nodes run in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from darkmatter import PROTOCOL_VERSION, __version__
+from darkmatter.config import Config
+from darkmatter.identity import Identity, v2_string
+from darkmatter.net import Net
+from darkmatter.plugins import active_plugins, build_plugin_manager, plugin_name
+from darkmatter.ratelimit import RateLimiter
+from darkmatter.state import (GENERIC_BIO, StateError, StateLock, apply_overrides, migrate, new_state)
+from darkmatter.storage import Persister, Storage
+from darkmatter.tools import Tool
+from darkmatter.transport import Transport
+from darkmatter.wire import is_self_certifying, normalize, now_iso, urls_match
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 50
+DISCOVERED_MAX = 256
+DISCOVERED_TTL = 90.0
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says why and what to do."""
+
+
+class Node:
+    def __init__(self, config: Config, *, pm: pluggy.PluginManager | None = None, plugins: Iterable = ()):
+        self.config = config
+        self.pm = pm or build_plugin_manager(config.plugins, config.disable, extra=plugins)
+        self.state: dict[str, Any] = {}
+        self.identity: Identity | None = None
+        self.tools: dict[str, Tool] = {}
+        self.routes: list = []
+        self.transports: list[Transport] = []
+        self.discovery_sources: list = []
+        self.storages: dict[str, Storage] = {}
+        self.discovered: dict[str, dict] = {}
+        self.rate = RateLimiter(config.rate_limits)
+        self.net: Net | None = None
+        self.persister: Persister | None = None
+        self.port: int = config.port
+        self.socket: socket.socket | None = None
+        self.token: str | None = None
+        self.started = False
+        self.stopping = asyncio.Event() if _has_loop() else None
+        self.listeners: list[Callable[[], None]] = []
+        self.tasks: set[asyncio.Task] = set()
+        self.outbox = None  # darkmatter.outbox.Outbox, created at start
+        self._lock: StateLock | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._server_task: asyncio.Task | None = None
+        self._shutdown = None
+        self._register_all()
+
+    # --- registration ---------------------------------------------------------------------
+
+    def _call_each(self, hook_name: str, make_register: Callable[[str], Callable]) -> None:
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            owner = plugin_name(self.pm, impl.plugin)
+            kwargs = {"register": make_register(owner), "node": self}
+            impl.function(*[kwargs[name] for name in impl.argnames])
+
+    def _register_all(self) -> None:
+        tool_owner: dict[str, str] = {}
+
+        def tool_register(owner: str):
+            def register(tool: Tool) -> None:
+                if tool.name in self.tools:
+                    raise StartupError(f"MCP tool {tool.name!r} is registered by both plugin "
+                                       f"{tool_owner[tool.name]!r} and plugin {owner!r}")
+                tool.plugin = owner
+                tool_owner[tool.name] = owner
+                self.tools[tool.name] = tool
+            return register
+
+        route_owner: dict[tuple[str, str], str] = {}
+
+        def route_register(owner: str):
+            def register(route) -> None:
+                methods = sorted(getattr(route, "methods", None) or {"*"})
+                for method in methods:
+                    key = (method, route.path)
+                    if key in route_owner:
+                        raise StartupError(f"HTTP route {method} {route.path} is registered by both plugin "
+                                           f"{route_owner[key]!r} and plugin {owner!r}")
+                    route_owner[key] = owner
+                self.routes.append(route)
+            return register
+
+        def named(kind: str, target: list | dict):
+            owners: dict[str, str] = {}
+
+            def make(owner: str):
+                def register(obj) -> None:
+                    if obj.name in owners:
+                        raise StartupError(f"{kind} {obj.name!r} is registered by both plugin "
+                                           f"{owners[obj.name]!r} and plugin {owner!r}")
+                    owners[obj.name] = owner
+                    if isinstance(target, dict):
+                        target[obj.name] = obj
+                    else:
+                        target.append(obj)
+                return register
+            return make
+
+        self._call_each("dm_register_tools", tool_register)
+        self._call_each("dm_register_routes", route_register)
+        self._call_each("dm_register_transports", named("transport", self.transports))
+        self._call_each("dm_register_discovery", named("discovery source", self.discovery_sources))
+        self._call_each("dm_register_storage", named("storage", self.storages))
+        self.transports.sort(key=lambda t: -t.priority)
+
+    # --- identity and URLs ----------------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str:
+        return self.state["agent_id"]
+
+    @property
+    def public_key_hex(self) -> str:
+        return self.state["public_key_hex"]
+
+    @property
+    def connections(self) -> dict[str, dict]:
+        return self.state["connections"]
+
+    @property
+    def is_active(self) -> bool:
+        return self.state.get("status") == "active"
+
+    @property
+    def bind_is_loopback(self) -> bool:
+        host = self.config.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def bind_is_wildcard(self) -> bool:
+        return self.config.host in ("0.0.0.0", "::", "[::]", "")
+
+    @property
+    def base_url(self) -> str:
+        """§6.5: the node's own base URL."""
+        if self.config.public_url:
+            return self.config.public_url
+        if self.bind_is_loopback:
+            return f"http://127.0.0.1:{self.port}"
+        if not self.bind_is_wildcard:
+            host = self.config.host
+            return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        lan = self.state.get("lan_url")
+        return lan or f"http://127.0.0.1:{self.port}"
+
+    def own_base_urls(self) -> list[str]:
+        urls = [self.base_url, f"http://127.0.0.1:{self.port}", f"http://localhost:{self.port}",
+                f"http://[::1]:{self.port}"]
+        if not self.bind_is_wildcard and not self.bind_is_loopback:
+            urls.append(f"http://{self.config.host}:{self.port}")
+        return list(dict.fromkeys(urls))
+
+    def is_own_url(self, url: str) -> bool:
+        return any(urls_match(url, own) for own in self.own_base_urls())
+
+    def is_local(self) -> bool:
+        """§7.3: the node's bind address, or its own URL's host, is loopback or private."""
+        from darkmatter.net import literal_class
+        from darkmatter.wire import host_of
+
+        if not self.bind_is_wildcard and (literal_class(self.config.host) == "local" or self.bind_is_loopback):
+            return True
+        if self.bind_is_wildcard and not self.config.public_url:
+            return True  # a LAN node without a public URL advertises its LAN address
+        return literal_class(host_of(self.base_url)) == "local" or host_of(self.base_url) == "localhost"
+
+    def known_origin(self, url: str) -> bool:
+        if self.is_own_url(url):
+            return True
+        return any(urls_match(url, c.get("agent_url")) for c in self.connections.values())
+
+    def key_of(self, agent_id: str) -> str | None:
+        """K(X) of §3.3 (without the pending-request case, which callers handle)."""
+        conn = self.connections.get(agent_id)
+        if conn and conn.get("agent_public_key_hex"):
+            return conn["agent_public_key_hex"]
+        if is_self_certifying(agent_id):
+            return agent_id
+        return None
+
+    def sign(self, text: str) -> str:
+        assert self.identity is not None
+        return self.identity.sign(text)
+
+    def sign_v2(self, purpose: str, *fields: object) -> str:
+        return self.sign(v2_string(purpose, *fields))
+
+    def signed_get_headers(self, path: str, responder_id: str) -> dict[str, str]:
+        """§3.8 headers for a GET to a connection."""
+        ts = now_iso()
+        sig = self.sign_v2("request", "GET", path, self.agent_id, responder_id, ts)
+        return {"X-DarkMatter-Agent-Id": self.agent_id, "X-DarkMatter-Timestamp": ts,
+                "X-DarkMatter-Signature": sig}
+
+    def accepting_connections(self) -> bool:
+        return self.is_active and len(self.connections) < MAX_CONNECTIONS
+
+    def public_status(self) -> dict:
+        """§4.8 body."""
+        return {"agent_id": self.agent_id, "display_name": self.state.get("display_name"),
+                "public_key_hex": self.public_key_hex, "bio": self.state.get("bio"),
+                "status": self.state.get("status"), "is_genesis": bool(self.state.get("is_genesis")),
+                "num_connections": len(self.connections),
+                "accepting_connections": self.accepting_connections(), "protocol_version": PROTOCOL_VERSION}
+
+    def plugin_list(self) -> list[dict]:
+        return [{"name": i.name, "version": i.version} for i in active_plugins(self.pm)]
+
+    # --- persistence ----------------------------------------------------------------------
+
+    async def save(self) -> None:
+        """Durable on return (PROTOCOL.md §11.2); concurrent callers share one write."""
+        assert self.persister is not None
+        await self.persister.save()
+
+    def save_soon(self) -> None:
+        """Persist without waiting: for changes nobody was promised durability of."""
+        if self.persister is not None:
+            self.persister.mark()
+
+    # --- events and status ----------------------------------------------------------------
+
+    async def emit(self, hook_name: str, **kwargs: Any) -> None:
+        """Call an event hook; await what it returns; isolate failing plugins."""
+        caller = getattr(self.pm.hook, hook_name)
+        kwargs["node"] = self
+        for impl in reversed(caller.get_hookimpls()):
+            try:
+                result = impl.function(*[kwargs[name] for name in impl.argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - a plugin must not take the node down
+                log.exception("plugin %s failed in %s", plugin_name(self.pm, impl.plugin), hook_name)
+        self.changed()
+
+    def changed(self) -> None:
+        """Something the live status shows changed: tell listeners (the MCP server)."""
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:  # noqa: BLE001
+                log.exception("status listener failed")
+
+    def status_lines(self) -> list[str]:
+        lines: list[str] = []
+        for result in self.pm.hook.dm_status_lines(node=self):
+            if result:
+                lines.extend(str(line) for line in result)
+        return lines
+
+    def spawn(self, coro, name: str | None = None) -> asyncio.Task:
+        """Run a background task owned by the node (cancelled at stop)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    # --- discovery table (§8.4) -----------------------------------------------------------
+
+    def record_discovered(self, entry: dict) -> None:
+        agent_id = entry.get("agent_id")
+        if not agent_id or agent_id == self.agent_id:
+            return
+        entry = {**entry, "last_seen": entry.get("last_seen") or asyncio.get_running_loop().time()}
+        old = self.discovered.get(agent_id)
+        if old and old.get("source") == "local" and entry.get("source") == "lan" \
+                and entry["last_seen"] - old["last_seen"] < DISCOVERED_TTL:
+            return
+        for other_id, other in list(self.discovered.items()):
+            if other_id != agent_id and other.get("url") == entry.get("url") and entry.get("source") == "local":
+                del self.discovered[other_id]
+        if agent_id not in self.discovered and len(self.discovered) >= DISCOVERED_MAX:
+            oldest = min(self.discovered, key=lambda k: self.discovered[k]["last_seen"])
+            del self.discovered[oldest]
+        self.discovered[agent_id] = entry
+
+    def prune_discovered(self, max_age: float = DISCOVERED_TTL) -> None:
+        now = asyncio.get_running_loop().time()
+        for agent_id, entry in list(self.discovered.items()):
+            if now - entry["last_seen"] > max_age:
+                del self.discovered[agent_id]
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def _load_state(self, storage: Storage) -> dict:
+        raw = storage.load()
+        if raw is None:
+            state = new_state()
+            if self.config.genesis is None:
+                state["is_genesis"] = True
+            return state
+        return migrate(raw)
+
+    def _token(self) -> str:
+        path = Path(str(self.config.state_file).removesuffix(".json") + ".token")
+        try:
+            token = path.read_text().strip()
+            if len(token) == 64:
+                if path.stat().st_mode & 0o077:
+                    os.chmod(path, 0o600)
+                return token
+        except FileNotFoundError:
+            pass
+        token = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+
+    async def start(self, *, serve: bool = True) -> None:
+        """Take the lock, load state, bind, enter plugin lifespans and start serving."""
+        from darkmatter import server
+        from darkmatter.outbox import Outbox
+
+        if self.stopping is None:
+            self.stopping = asyncio.Event()
+        name = self.config.storage
+        if name not in self.storages:
+            raise StartupError(f"Unknown storage {name!r} (DARKMATTER_STORAGE). Known: {', '.join(self.storages)}")
+        storage = self.storages[name]
+        self._lock = StateLock(Path(self.config.state_file))
+        self._lock.acquire()
+        try:
+            try:
+                self.state = await asyncio.to_thread(self._load_state, storage)
+            except StateError as exc:
+                raise StartupError(str(exc)) from None
+            self.identity = Identity.from_private_hex(self.state["private_key_hex"])
+            if serve:
+                self.socket = server.bind_socket(self.config.host, self.config.port)
+                self.port = self.socket.getsockname()[1]
+            apply_overrides(self.state, port=self.port, display_name=self.config.display_name,
+                            bio=self.config.bio, genesis=self.config.genesis)
+            self.token = await asyncio.to_thread(self._token)
+            self.persister = Persister(storage, lambda: self.state)
+            await self.save()
+            self._lock.write_info({"pid": os.getpid(), "port": self.port, "url": self.base_url,
+                                   "agent_id": self.agent_id})
+            self.net = Net(self.is_local, self.known_origin)
+            self.outbox = Outbox(self)
+            self._stack = contextlib.AsyncExitStack()
+            for cm in reversed(self.pm.hook.dm_lifespan(node=self)):
+                if cm is not None:
+                    await self._stack.enter_async_context(cm)
+            self.outbox.start()
+            if self.config.discovery:
+                for source in self.discovery_sources:
+                    self.spawn(source.run(self.record_discovered), name=f"discovery-{source.name}")
+            if serve:
+                self._shutdown = asyncio.Event()
+                self._server_task = asyncio.get_running_loop().create_task(
+                    server.serve(self, self._shutdown), name=f"http-{self.port}")
+                await server.wait_ready(self)
+            self.started = True
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def stop(self) -> None:
+        if self.stopping is not None:
+            self.stopping.set()
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._shutdown is not None:
+            self._shutdown.set()
+        if self._server_task is not None:
+            try:
+                await asyncio.wait_for(self._server_task, timeout=5)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                self._server_task.cancel()
+            self._server_task = None
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._stack is not None:
+            try:
+                await self._stack.aclose()
+            except Exception:  # noqa: BLE001
+                log.exception("a plugin lifespan failed at shutdown")
+            self._stack = None
+        if self.outbox is not None:
+            await self.outbox.stop()
+        if self.persister is not None:
+            try:
+                await self.persister.flush()
+            except OSError as exc:
+                log.error("final state flush failed: %s", exc)
+            for storage in self.storages.values():
+                storage.close()
+        if self.net is not None:
+            await self.net.aclose()
+            self.net = None
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self.started = False
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- small helpers used by plugins and tools ------------------------------------------
+
+    def bio_is_generic(self) -> bool:
+        return not self.state.get("bio") or self.state.get("bio") == GENERIC_BIO
+
+    def url_for_connection(self, agent_id: str) -> str | None:
+        conn = self.connections.get(agent_id)
+        return conn.get("agent_url") if conn else None
+
+    def normalize(self, url: str) -> str:
+        return normalize(url)
+
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,0 +1,123 @@
+"""The plugin manager: one per node, built by a factory, never at import time.
+
+Selection rules (as llm's): ``DARKMATTER_PLUGINS`` / ``--plugins`` unset = every installed plugin,
+``""`` = none besides the essential built-ins, ``"a,b"`` = exactly those. ``--disable x`` drops one.
+An unknown name fails with the list of installed plugins. A requested plugin that fails to import is an
+error; an autoloaded one is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Iterable
+
+import pluggy
+
+from darkmatter import hookspecs
+
+log = logging.getLogger(__name__)
+
+GROUP = "darkmatter"
+
+# Essential built-ins: always registered, cannot be disabled.
+BUILTINS = (
+    "darkmatter.builtin.policy",
+    "darkmatter.builtin.json_storage",
+    "darkmatter.builtin.core_tools",
+)
+
+
+class PluginError(Exception):
+    """Plugin selection or loading failed; the message says what to do."""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str | None
+    module: str
+    builtin: bool = False
+    hooks: list[str] = field(default_factory=list)
+
+
+def installed_plugins() -> dict[str, object]:
+    """Entry points of the ``darkmatter`` group, by name."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def _parse_selection(selection: str | None) -> list[str] | None:
+    if selection is None:
+        return None
+    return [s.strip() for s in selection.split(",") if s.strip()]
+
+
+def build_plugin_manager(
+    selection: str | None = None,
+    disable: Iterable[str] = (),
+    *,
+    entrypoints: bool = True,
+    extra: Iterable[object] = (),
+) -> pluggy.PluginManager:
+    """Build a fresh plugin manager.
+
+    ``selection`` follows the rules above; ``extra`` are plugin objects (modules or instances) to
+    register as well, e.g. from tests. The manager carries ``pm.darkmatter_info``: a list of
+    :class:`PluginInfo` for ``darkmatter plugins``.
+    """
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    infos: list[PluginInfo] = []
+    for modname in BUILTINS:
+        module = importlib.import_module(modname)
+        pm.register(module, name=modname)
+        infos.append(PluginInfo(modname.rsplit(".", 1)[1], None, modname, builtin=True))
+
+    available = installed_plugins() if entrypoints else {}
+    wanted = _parse_selection(selection)
+    disabled = {d.strip() for d in disable if d and d.strip()}
+    for name in sorted((set(wanted or []) | disabled) - set(available)):
+        known = ", ".join(sorted(available)) or "none"
+        raise PluginError(f"Unknown plugin {name!r}. Installed plugins: {known}.")
+    explicit = wanted is not None
+    names = wanted if explicit else sorted(available)
+    for name in names:
+        if name in disabled or pm.has_plugin(name):
+            continue
+        ep = available[name]
+        try:
+            module = ep.load()
+        except Exception as exc:  # noqa: BLE001 - plugin import errors are reported, not raised raw
+            if explicit:
+                raise PluginError(f"Plugin {name!r} failed to import: {type(exc).__name__}: {exc}") from exc
+            log.warning("skipping plugin %r: failed to import: %s: %s", name, type(exc).__name__, exc)
+            continue
+        pm.register(module, name=name)
+        version = ep.dist.version if getattr(ep, "dist", None) is not None else None
+        infos.append(PluginInfo(name, version, getattr(module, "__name__", repr(module))))
+    for i, plugin in enumerate(extra):
+        name = getattr(plugin, "__name__", None) or getattr(plugin, "name", None) or f"extra-{i}"
+        pm.register(plugin, name=name)
+        infos.append(PluginInfo(name, getattr(plugin, "__version__", None), name))
+    for info in infos:
+        plugin = pm.get_plugin(info.module if info.builtin else info.name)
+        info.hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
+    pm.darkmatter_info = infos  # type: ignore[attr-defined]
+    pm.check_pending()
+    return pm
+
+
+def plugin_name(pm: pluggy.PluginManager, plugin: object) -> str:
+    name = pm.get_name(plugin) or repr(plugin)
+    return name.rsplit(".", 1)[-1] if name.startswith("darkmatter.builtin.") else name
+
+
+def active_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
+    return [i for i in pm.darkmatter_info if not i.builtin]  # type: ignore[attr-defined]
+
+
+def load_module(name: str) -> ModuleType:
+    return importlib.import_module(name)

@@ -1,0 +1,194 @@
+"""The node's HTTP port: one Starlette app on hypercorn, holding the mesh routes plugins register and
+the MCP endpoint at ``/mcp``.
+
+Mesh paths follow PROTOCOL.md §2.1 (JSON errors, Origin → 403, Host → 421 on loopback binds, bodies over
+1 MiB → 413 before parsing); ``/mcp`` follows §12 (see ``mcp.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from darkmatter.wire import MAX_BODY, ProtocolError, is_loopback_host, loads_object
+
+if TYPE_CHECKING:
+    from darkmatter.node import Node
+
+log = logging.getLogger(__name__)
+
+MESH_PREFIXES = ("/__darkmatter__", "/.well-known/", "/bootstrap")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen on (host, port); port 0 picks a free one. Raises StartupError when taken."""
+    from darkmatter.node import StartupError
+
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"Port {port} on {host} is already in use (set DARKMATTER_PORT or --port "
+                               f"to another port)") from None
+        raise StartupError(f"Cannot bind {host}:{port}: {exc.strerror}") from None
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+def error_response(exc: ProtocolError) -> JSONResponse:
+    headers = {}
+    if exc.status == 429 and "retry_after" in exc.extra:
+        headers["Retry-After"] = str(exc.extra["retry_after"])
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """Read the request body, refusing (413) anything over `limit` without buffering it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ProtocolError(400, "invalid_field", "Invalid Content-Length")
+        if int(declared) > limit:
+            raise ProtocolError(413, "too_large", f"Request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ProtocolError(413, "too_large", f"Request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
+    return loads_object(await read_body(request, limit))
+
+
+def client_ip(scope: dict) -> str:
+    client = scope.get("client")
+    return client[0] if client else ""
+
+
+class MeshGuard:
+    """ASGI middleware: the §2.1 rules for mesh paths."""
+
+    def __init__(self, app, node: Node):
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(MESH_PREFIXES):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            problem = None
+            if "origin" in headers:
+                problem = ProtocolError(403, "forbidden", "Browser requests (with an Origin header) are refused")
+            elif self.node.bind_is_loopback and not self._host_ok(headers.get("host", "")):
+                problem = ProtocolError(421, "misdirected", "Misdirected request: unexpected Host header")
+            if problem is not None:
+                await error_response(problem)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _host_ok(self, host: str) -> bool:
+        if is_loopback_host(host):
+            return True
+        public = self.node.config.public_url
+        if public:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(public)
+            return host.lower() in (parts.netloc.lower(), (parts.hostname or "").lower())
+        return False
+
+
+def build_app(node: Node) -> Any:
+    async def not_found(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return JSONResponse({"error": "Method not allowed", "code": "method_not_allowed"}, status_code=405)
+        if exc.status_code == 404:
+            return JSONResponse({"error": "Not found", "code": "not_found"}, status_code=404)
+        return JSONResponse({"error": str(exc.detail), "code": "invalid_field"}, status_code=exc.status_code)
+
+    async def protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
+        return error_response(exc)
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "Internal error", "code": "unavailable"}, status_code=503)
+
+    routes = list(node.routes)
+    mcp = getattr(node, "mcp", None)
+    if mcp is not None:
+        routes.append(mcp.route())
+    app = Starlette(routes=routes, exception_handlers={
+        HTTPException: not_found, ProtocolError: protocol_error, Exception: internal_error})
+    return MeshGuard(app, node)
+
+
+def _hypercorn_config(node: Node) -> HypercornConfig:
+    config = HypercornConfig()
+    assert node.socket is not None
+    # hypercorn takes ownership of the descriptor it is given and closes it: hand it a duplicate.
+    config.bind = [f"fd://{os.dup(node.socket.fileno())}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.read_timeout = 30
+    config.keep_alive_timeout = 30
+    config.graceful_timeout = 2
+    config.h11_max_incomplete_size = 64 * 1024
+    config.include_server_header = False
+    return config
+
+
+async def serve(node: Node, shutdown: asyncio.Event) -> None:
+    app = build_app(node)
+    node._http_ready = asyncio.Event()  # type: ignore[attr-defined]
+
+    async def lifespan_app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                    node._http_ready.set()  # type: ignore[attr-defined]
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await app(scope, receive, send)
+
+    await hypercorn_serve(lifespan_app, _hypercorn_config(node), shutdown_trigger=shutdown.wait)
+
+
+async def wait_ready(node: Node, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout * 100)):
+        ready = getattr(node, "_http_ready", None)
+        if ready is not None and ready.is_set():
+            return
+        task = node._server_task
+        if task is not None and task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    raise TimeoutError("HTTP server did not start")
+
+
+def json_dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)

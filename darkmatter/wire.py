@@ -1,0 +1,406 @@
+"""Wire conventions of PROTOCOL.md §2: errors, JSON, ids, timestamps, URLs, sizes.
+
+Pure functions with no I/O, shared by the kernel and every transport.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+MAX_BODY = 1024 * 1024
+MAX_CONTENT_BYTES = 65536
+MAX_METADATA_BYTES = 16384
+MAX_METADATA_DEPTH = 16
+MAX_URL = 2048
+MAX_ID = 128
+MAX_BIO = 1000
+MAX_NAME = 100
+MAX_NOTE = 1000
+MAX_IMPRESSION = 2000
+FRESH_SECONDS = 300
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNRESERVED = re.compile(r"^[A-Za-z0-9\-._~]+$")
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_SELF_CERT = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ProtocolError(Exception):
+    """A refusal with an HTTP status, a §2.2 code and a human-readable text."""
+
+    def __init__(self, status: int, code: str, error: str, **extra: Any):
+        super().__init__(error)
+        self.status = status
+        self.code = code
+        self.error = error
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.error, "code": self.code, **self.extra}
+
+
+def bad(error: str, code: str = "invalid_field") -> ProtocolError:
+    return ProtocolError(400, code, error)
+
+
+def forbidden(error: str, code: str = "forbidden") -> ProtocolError:
+    return ProtocolError(403, code, error)
+
+
+# --- canonical JSON and hashes (§2.7) ---------------------------------------------------------
+
+
+def cj(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def h(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def h_metadata(metadata: Any) -> str:
+    return h(cj(metadata if metadata is not None else {}))
+
+
+# --- strict JSON (§2.1) --------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def _check_strings(value: Any, depth: int = 0) -> None:
+    if depth > 64:
+        raise ValueError("JSON nested too deeply")
+    if isinstance(value, str):
+        value.encode("utf-8")  # lone surrogates raise UnicodeEncodeError
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            k.encode("utf-8")
+            _check_strings(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v, depth + 1)
+
+
+def loads_strict(raw: bytes | str) -> Any:
+    """Parse JSON as §2.1 demands, raising ProtocolError(400 invalid_json) on any fault."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        value = json.loads(text, parse_constant=_reject_constant)
+        _check_strings(value)
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        raise ProtocolError(400, "invalid_json", "Invalid JSON body") from exc
+    return value
+
+
+def loads_object(raw: bytes | str) -> dict[str, Any]:
+    value = loads_strict(raw)
+    if not isinstance(value, dict):
+        raise ProtocolError(400, "invalid_json", "Invalid JSON body: expected an object")
+    return value
+
+
+# --- field access -------------------------------------------------------------------------
+
+
+def require(body: dict, *names: str, error: str = "Missing required fields") -> None:
+    missing = [n for n in names if body.get(n) in (None, "")]
+    if missing:
+        raise ProtocolError(400, "missing_fields", f"{error}: {', '.join(missing)}")
+
+
+def get_str(body: dict, name: str, *, required: bool = False, max_len: int | None = None) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError(400, "missing_fields", f"Missing required fields: {name}")
+        return None
+    if not isinstance(value, str):
+        raise bad(f"Field '{name}' must be a string")
+    if max_len is not None and len(value) > max_len:
+        raise bad(f"Field '{name}' is longer than {max_len} characters")
+    return value
+
+
+def get_int(body: dict, name: str, default: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) is not int:  # a boolean is never an integer
+        raise bad(f"Field '{name}' must be an integer")
+    return value
+
+
+def get_bool(body: dict, name: str, default: bool | None = None) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"Field '{name}' must be a boolean")
+    return value
+
+
+def truncate(value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        return ""
+    return value[:limit]
+
+
+# --- identifiers (§2.4) and keys (§3.1) ------------------------------------------------------
+
+
+def check_id(value: Any, field: str = "agent_id") -> str:
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(400, "missing_fields" if value in (None, "") else "invalid_field",
+                            f"Field '{field}' must be a non-empty string")
+    if len(value) > MAX_ID or _CONTROL.search(value):
+        raise bad(f"Field '{field}' is not a valid id (1-128 characters, no control characters)")
+    return value
+
+
+def check_message_id(value: Any, field: str = "message_id") -> str:
+    check_id(value, field)
+    if not _UNRESERVED.match(value) or value in (".", ".."):
+        raise bad(f"Field '{field}' may only hold the characters A-Z a-z 0-9 - . _ ~")
+    return value
+
+
+def is_message_id(value: Any) -> bool:
+    try:
+        check_message_id(value)
+    except ProtocolError:
+        return False
+    return True
+
+
+def check_hex(value: Any, field: str, length: int) -> str:
+    if not isinstance(value, str) or len(value) != length or not _HEX.match(value):
+        raise bad(f"Field '{field}' must be {length} hex characters")
+    return value.lower()
+
+
+def is_self_certifying(agent_id: str) -> bool:
+    return bool(_SELF_CERT.match(agent_id or ""))
+
+
+def new_message_id() -> str:
+    return "msg-" + secrets.token_hex(16)
+
+
+def new_request_id() -> str:
+    return "req-" + secrets.token_hex(8)
+
+
+# --- timestamps (§2.5) ---------------------------------------------------------------------
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def parse_ts(value: Any) -> datetime | None:
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return ts
+
+
+def is_fresh(value: Any, window: float = FRESH_SECONDS) -> bool:
+    ts = parse_ts(value)
+    if ts is None:
+        return False
+    return abs((datetime.now(timezone.utc) - ts).total_seconds()) <= window
+
+
+def age_seconds(value: Any) -> float | None:
+    ts = parse_ts(value)
+    if ts is None:
+        return None
+    return (datetime.now(timezone.utc) - ts).total_seconds()
+
+
+# --- URLs (§2.6) ---------------------------------------------------------------------------
+
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def check_url(url: Any, field: str = "url") -> str:
+    """Validate a URL per §2.6; raises ProtocolError 400 with the reason."""
+    if not isinstance(url, str) or not url:
+        raise bad(f"Field '{field}' must be a URL")
+    if len(url) > MAX_URL:
+        raise bad(f"Field '{field}' is longer than {MAX_URL} characters")
+    if _CONTROL.search(url) or any(c.isspace() for c in url):
+        raise bad(f"Field '{field}' contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise bad(f"Field '{field}' is not a valid URL") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise bad(f"Field '{field}' must be an http or https URL")
+    if not parts.hostname:
+        raise bad(f"Field '{field}' has no host")
+    if "@" in parts.netloc:
+        raise bad(f"Field '{field}' must not carry user information")
+    if port is not None and not 1 <= port <= 65535:
+        raise bad(f"Field '{field}' has an invalid port")
+    if parts.netloc.endswith(":"):
+        raise bad(f"Field '{field}' has an empty port")
+    return url
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def normalize(url: str) -> str:
+    """The base URL of §2.6: validated, no query/fragment, lowercase, default port dropped, suffix stripped."""
+    check_url(url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname.lower()
+    port = parts.port
+    netloc = _host_for_url(host)
+    if port is not None and not (scheme == "http" and port == 80) and not (scheme == "https" and port == 443):
+        netloc += f":{port}"
+    path = parts.path.rstrip("/")
+    for suffix in ("/mcp", "/__darkmatter__"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)].rstrip("/")
+            break
+    return f"{scheme}://{netloc}{path}"
+
+
+def try_normalize(url: Any) -> str | None:
+    try:
+        return normalize(url)
+    except ProtocolError:
+        return None
+
+
+def origin_key(url: str) -> tuple[str, str, int, str]:
+    base = normalize(url)
+    parts = urlsplit(base)
+    host = parts.hostname
+    if host in _LOOPBACK_NAMES:
+        host = "loopback"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return (parts.scheme, host, port, parts.path)
+
+
+def urls_match(a: Any, b: Any) -> bool:
+    try:
+        return origin_key(a) == origin_key(b)
+    except (ProtocolError, TypeError):
+        return False
+
+
+def endpoint(base: str, name: str, *ids: str) -> str:
+    url = f"{base}/__darkmatter__/{name}"
+    for part in ids:
+        url += "/" + quote(part, safe="-._~")
+    return url
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
+_HOST_PATTERNS = (
+    re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$"),
+    re.compile(r"^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"),
+)
+
+
+def valid_host_header(host: Any) -> bool:
+    return isinstance(host, str) and any(p.match(host) for p in _HOST_PATTERNS)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets and port)."""
+    import ipaddress
+
+    name = host
+    if name.startswith("["):
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    name = name.lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+# --- webhook shape (§7.1) ------------------------------------------------------------------
+
+
+def webhook_problem(webhook: Any, message_id: str) -> str | None:
+    """Return why `webhook` is not a valid webhook for `message_id`, or None if it is."""
+    try:
+        check_url(webhook, "webhook")
+    except ProtocolError as exc:
+        return exc.error
+    parts = urlsplit(webhook)
+    if parts.query or parts.fragment or "?" in webhook or "#" in webhook:
+        return "webhook must not carry a query or fragment"
+    path = parts.path
+    if "%" in path or "\\" in path:
+        return "webhook path must not contain '%' or '\\'"
+    segments = path.split("/")
+    if any(s in (".", "..") for s in segments):
+        return "webhook path must not contain '.' or '..' segments"
+    if not path.endswith("/__darkmatter__/webhook/" + message_id):
+        return "webhook path must end with /__darkmatter__/webhook/<message_id>"
+    return None
+
+
+# --- metadata (§2.3) -----------------------------------------------------------------------
+
+
+def _depth_and_finite(value: Any, depth: int) -> int:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad("metadata numbers must be finite")
+    if isinstance(value, dict):
+        return max([_depth_and_finite(v, depth + 1) for v in value.values()] or [depth + 1])
+    if isinstance(value, list):
+        return max([_depth_and_finite(v, depth + 1) for v in value] or [depth + 1])
+    return depth
+
+
+def check_metadata(value: Any) -> dict:
+    """Validate metadata: object, CJ ≤ 16 KiB (else 413), depth ≤ 16, finite numbers (else 400)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad("Field 'metadata' must be an object")
+    if _depth_and_finite(value, 0) > MAX_METADATA_DEPTH:
+        raise bad(f"metadata is nested deeper than {MAX_METADATA_DEPTH}")
+    if len(cj(value).encode("utf-8")) > MAX_METADATA_BYTES:
+        raise ProtocolError(413, "too_large", f"metadata exceeds {MAX_METADATA_BYTES} bytes")
+    return value
+
+
+def check_content(value: Any, field: str = "content") -> str:
+    if not isinstance(value, str):
+        raise bad(f"Field '{field}' must be a string")
+    if len(value.encode("utf-8")) > MAX_CONTENT_BYTES:
+        raise ProtocolError(413, "too_large", f"Content exceeds {MAX_CONTENT_BYTES} bytes")
+    return value

@@ -1,0 +1,1 @@
+"""Start an agent for each incoming DarkMatter message."""

@@ -1,0 +1,1 @@
+"""Discover DarkMatter nodes on the LAN by UDP multicast beacons."""

@@ -1,0 +1,1 @@
+"""Discover DarkMatter nodes on this machine by scanning loopback ports."""

@@ -1,0 +1,1 @@
+"""The DarkMatter mesh protocol over HTTP: mesh routes and the HTTP transport."""

@@ -1,0 +1,1 @@
+"""WebRTC data channels between DarkMatter nodes, with HTTP fallback."""
