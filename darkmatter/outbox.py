@@ -1,12 +1,273 @@
-"""Placeholder, replaced below."""
+"""The persistent outbox of PROTOCOL.md §5.2: every outbound delivery, retried with backoff.
+
+Entries live in ``state["outbox"]`` with **unsigned** payloads; each attempt re-reads the connection's
+URL and signs afresh. Transient failures (408/425/429/5xx, connect errors, timeouts) are retried after
+min(60 s, 2^(n-1) s) ±20 %, honouring Retry-After, until the deadline; then the entry fails. Connect-class
+failures towards a connection trigger peer_lookup recovery (§6.2) before the next attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from darkmatter.identity import v1_string, v2_message, v2_webhook_update
+from darkmatter.transport import Reply, TransportUnavailable
+from darkmatter.wire import ProtocolError, cj, endpoint, now_iso, webhook_problem
+
+if TYPE_CHECKING:
+    from darkmatter.node import Node
+
+log = logging.getLogger(__name__)
+
+OUTBOX_CAP = 500
+CONCURRENCY = 16
 
 
 class Outbox:
-    def __init__(self, node):
+    def __init__(self, node: Node):
         self.node = node
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._done: dict[str, asyncio.Future] = {}
+        self._attempted: dict[str, asyncio.Event] = {}
+        self._sem = asyncio.Semaphore(CONCURRENCY)
+        self._worker: asyncio.Task | None = None
 
-    def start(self):
-        pass
+    @property
+    def entries(self) -> list[dict]:
+        return self.node.state["outbox"]
 
-    async def stop(self):
-        pass
+    def start(self) -> None:
+        # Restarts: message/forward entries whose recipient is gone fail (§5.2).
+        for entry in list(self.entries):
+            if entry["kind"] in ("message", "forward") and entry.get("target_agent_id") not in self.node.connections:
+                self._finish(entry, "failed", Reply(None, error="recipient is no longer a connection"))
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="outbox")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    # --- queueing ----------------------------------------------------------------------------
+
+    def add(self, kind: str, payload: dict, *, target_agent_id: str | None = None, url: str | None = None,
+            message_id: str | None = None, deadline_seconds: float | None = None) -> dict:
+        """Queue an entry (not yet persisted: the caller awaits ``node.save()`` before acknowledging)."""
+        if len(self.entries) >= OUTBOX_CAP:
+            raise ProtocolError(429, "capacity", "Outbox is full; try again later")
+        now = time.time()
+        retry = self.node.config.delivery_retry_seconds if deadline_seconds is None else deadline_seconds
+        entry = {"id": "out-" + secrets.token_hex(8), "kind": kind, "target_agent_id": target_agent_id,
+                 "url": url, "message_id": message_id, "payload": payload, "attempts": 0,
+                 "next_attempt_at": now, "deadline": now + retry, "state": "queued", "last_status": None,
+                 "last_error": None, "created_at": now_iso()}
+        self.entries.append(entry)
+        self._done[entry["id"]] = asyncio.get_running_loop().create_future()
+        self._attempted[entry["id"]] = asyncio.Event()
+        self._wake.set()
+        return entry
+
+    async def wait_first_attempt(self, entry: dict, timeout: float = 15.0) -> str:
+        """Wait until the entry finished or its first attempt came back; return its state."""
+        event = self._attempted.get(entry["id"])
+        if event is not None:
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return entry["state"]
+
+    async def wait(self, entry: dict, timeout: float = 15.0) -> str:
+        """Wait up to `timeout` for the entry to finish; return its state (queued/delivered/failed)."""
+        future = self._done.get(entry["id"])
+        if future is None:
+            return entry["state"]
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return entry["state"]
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    # --- worker ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            now = time.time()
+            soonest = None
+            for entry in list(self.entries):
+                if entry["id"] in self._inflight:
+                    continue
+                if entry["next_attempt_at"] <= now:
+                    task = asyncio.get_running_loop().create_task(self._attempt(entry))
+                    self._inflight[entry["id"]] = task
+                    task.add_done_callback(lambda t, eid=entry["id"]: self._inflight.pop(eid, None))
+                elif soonest is None or entry["next_attempt_at"] < soonest:
+                    soonest = entry["next_attempt_at"]
+            self._wake.clear()
+            timeout = None if soonest is None else max(0.01, soonest - time.time())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _attempt(self, entry: dict) -> None:
+        async with self._sem:
+            if entry not in self.entries:
+                return
+            if time.time() > entry["deadline"] and entry["attempts"] > 0:
+                self._finish(entry, "failed", Reply(None, error=entry.get("last_error") or "retry deadline passed"))
+                return
+            entry["attempts"] += 1
+            try:
+                reply = await self._send(entry)
+            except ProtocolError as exc:
+                reply = Reply(None, error=exc.error, error_kind="invalid")
+            except Exception as exc:  # noqa: BLE001 - never lose the entry to a bug in one attempt
+                log.exception("outbox attempt failed unexpectedly")
+                reply = Reply(None, error=f"internal error: {type(exc).__name__}", error_kind="other")
+            entry["last_status"] = reply.status
+            entry["last_error"] = None if reply.ok else reply.describe()
+            entry["transport"] = reply.transport
+            kind = reply.classification
+            if kind == "transient":
+                delay = min(60.0, 2.0 ** (entry["attempts"] - 1)) * random.uniform(0.8, 1.2)
+                if reply.retry_after:
+                    delay = max(delay, min(reply.retry_after, 600.0))
+                if time.time() + delay > entry["deadline"]:
+                    self._finish(entry, "failed", reply)
+                    return
+                entry["next_attempt_at"] = time.time() + delay
+                self._record_progress(entry, reply)
+                self._signal_attempt(entry)
+                self.node.save_soon()
+                if reply.error_kind == "connect" and entry.get("target_agent_id") in self.node.connections \
+                        and entry["kind"] in ("message", "forward"):
+                    from darkmatter import healing
+
+                    self.node.spawn(healing.recover(self.node, entry["target_agent_id"]), name="peer-lookup")
+                self._wake.set()
+                return
+            self._finish(entry, "delivered" if kind == "delivered" else "failed", reply)
+
+    def _finish(self, entry: dict, state: str, reply: Reply) -> None:
+        entry["state"] = state
+        entry["last_status"] = reply.status
+        entry["last_error"] = None if state == "delivered" else (reply.describe() if reply else None)
+        if entry in self.entries:
+            self.entries.remove(entry)
+        try:
+            from darkmatter import actions
+
+            actions.on_outbox_finished(self.node, entry, reply)
+        except Exception:  # noqa: BLE001
+            log.exception("outbox completion handler failed for %s", entry.get("kind"))
+        self.node.save_soon()
+        future = self._done.pop(entry["id"], None)
+        if future is not None and not future.done():
+            future.set_result(state)
+        self._signal_attempt(entry)
+        self._attempted.pop(entry["id"], None)
+
+    def _signal_attempt(self, entry: dict) -> None:
+        event = self._attempted.get(entry["id"])
+        if event is not None:
+            event.set()
+
+    def _record_progress(self, entry: dict, reply: Reply) -> None:
+        from darkmatter import actions
+
+        actions.on_outbox_progress(self.node, entry, reply)
+
+    # --- building and sending ------------------------------------------------------------------
+
+    async def _send(self, entry: dict) -> Reply:
+        node = self.node
+        kind = entry["kind"]
+        payload = entry["payload"]
+        if kind in ("message", "forward"):
+            target = entry["target_agent_id"]
+            conn = node.connections.get(target)
+            if conn is None:
+                return Reply(None, error="recipient is no longer a connection", error_kind="invalid")
+            body = self.sign_message(conn, payload)
+            return await node_deliver(node, conn, "/__darkmatter__/message", body)
+        if kind in ("response", "webhook_update"):
+            url = entry["url"]
+            problem = webhook_problem(url, entry["message_id"])
+            if problem:
+                return Reply(None, error=f"Webhook blocked: {problem}", error_kind="blocked")
+            body = self.sign_update(entry["message_id"], payload)
+            return await node.net.request("POST", url, json_body=body, timeout=15.0, strict=True,
+                                          max_bytes=64 * 1024)
+        if kind == "connection_accepted":
+            body = dict(payload)
+            body["timestamp"] = now_iso()
+            body["signature_v2_hex"] = node.sign_v2(
+                "connection_accepted", body["agent_id"], body["agent_url"], body["agent_public_key_hex"],
+                entry["target_agent_id"], body["timestamp"])
+            return await node.net.request("POST", endpoint(entry["url"], "connection_accepted"),
+                                          json_body=body, timeout=15.0)
+        return Reply(None, error=f"unknown outbox kind {kind!r}", error_kind="invalid")
+
+    def sign_message(self, conn: dict, payload: dict) -> dict:
+        """A /message body for `conn`, signed now (v1 + v2)."""
+        node = self.node
+        webhook = payload.get("webhook")
+        if not webhook:  # our own message: the webhook base is the URL we gave this peer (§5.1)
+            base = conn.get("self_url") or node.base_url
+            webhook = endpoint(base, "webhook", payload["message_id"])
+        ts = now_iso()
+        body = {"message_id": payload["message_id"], "content": payload["content"], "webhook": webhook,
+                "hops_remaining": payload["hops_remaining"], "from_agent_id": node.agent_id,
+                "metadata": payload.get("metadata") or {}, "timestamp": ts,
+                "from_public_key_hex": node.public_key_hex}
+        body["signature_hex"] = node.sign(v1_string(node.agent_id, body["message_id"], ts, body["content"]))
+        body["signature_v2_hex"] = node.sign(v2_message(
+            node.agent_id, conn["agent_id"], body["message_id"], ts, body["hops_remaining"], webhook,
+            body["content"], body["metadata"]))
+        return body
+
+    def sign_update(self, message_id: str, payload: dict) -> dict:
+        node = self.node
+        body = dict(payload)
+        ts = now_iso()
+        body["timestamp"] = ts
+        body["from_public_key_hex"] = node.public_key_hex
+        if body["type"] == "response":
+            text, metadata = body["response"], body.get("metadata") or {}
+            body["signature_hex"] = node.sign(v1_string(node.agent_id, message_id, ts, text))
+        else:
+            text, metadata = body.get("note"), {}
+        body["signature_v2_hex"] = node.sign(v2_webhook_update(
+            message_id, body["type"], body["agent_id"], body.get("target_agent_id"), ts, text, metadata))
+        return body
+
+
+async def node_deliver(node: Node, conn: dict, path: str, body: dict) -> Reply:
+    """Dispatch to the transports in priority order (STYLE §4), falling back on TransportUnavailable."""
+    size = len(cj(body).encode("utf-8"))
+    last: Reply | None = None
+    for transport in node.transports:
+        try:
+            if not transport.can_send(conn, size):
+                continue
+            return await transport.send(conn, path, body)
+        except TransportUnavailable as exc:
+            last = Reply(None, error=str(exc) or f"{transport.name} unavailable", error_kind="connect",
+                         transport=transport.name)
+            continue
+    return last or Reply(None, error="no transport can reach this peer (is http_transport loaded?)",
+                         error_kind="invalid")
+

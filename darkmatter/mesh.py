@@ -1,0 +1,738 @@
+"""Inbound mesh protocol: what a node does with each request of PROTOCOL.md §4–§6 and §10.
+
+Transport-neutral: every handler takes the node, the parsed JSON body (or path parameters) and a
+:class:`Caller` describing where the request came from, and returns the 200 body or raises
+``ProtocolError``. The HTTP plugin maps routes onto these; the WebRTC plugin feeds frames to
+:func:`message`. Refusals never change state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+from darkmatter import PROTOCOL_VERSION
+from darkmatter.identity import peer_update_string, v1_string, v2_message, v2_string, v2_webhook_update, verify
+from darkmatter.net import literal_class
+from darkmatter.node import MAX_CONNECTIONS
+from darkmatter.wire import (MAX_BIO, MAX_NAME, MAX_NOTE, ProtocolError, age_seconds, bad, check_content,
+                             check_hex, check_id, check_message_id, check_metadata, check_url, forbidden,
+                             get_int, get_str, h, host_of, is_fresh, is_loopback_host, is_self_certifying,
+                             new_request_id, normalize, now_iso, origin_key, require, truncate,
+                             valid_host_header, webhook_problem)
+
+if TYPE_CHECKING:
+    from darkmatter.node import Node
+
+MAX_PENDING_IN = 50
+PENDING_TTL = 7 * 24 * 3600
+MAX_UPDATES = 200
+MAX_RESPONSES = 50
+SEEN_MIN_AGE = 600
+SEEN_MAX_AGE = 24 * 3600
+SEEN_MAX = 10000
+HOPS_CAP = 50
+
+
+@dataclass
+class Caller:
+    """Where a request came from: the TCP peer address, Host, scheme and (lowercased) headers."""
+
+    ip: str = ""
+    host: str = ""
+    scheme: str = "http"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    transport: str = "http"
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.ip) if self.ip else False
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def version_at_least(version: Any, minimum: str = "0.3") -> bool:
+    try:
+        have = tuple(int(p) for p in str(version).split("."))
+        want = tuple(int(p) for p in minimum.split("."))
+    except ValueError:
+        return False
+    return have >= want
+
+
+def known_03(conn: dict | None) -> bool:
+    return bool(conn) and (version_at_least(conn.get("protocol_version")) or bool(conn.get("known_03")))
+
+
+def mark_03(conn: dict) -> None:
+    conn["known_03"] = True
+    if not version_at_least(conn.get("protocol_version")):
+        conn["protocol_version"] = conn.get("protocol_version") or PROTOCOL_VERSION
+
+
+def inactive_check(node: Node) -> None:
+    if not node.is_active:
+        raise ProtocolError(503, "inactive", "Agent is currently inactive")
+
+
+def check_peer_url(value: Any, field_name: str) -> str:
+    """A peer URL (§2.6): valid, normalized, and not a literal address of the 'never' class."""
+    url = normalize(check_url(value, field_name))
+    if literal_class(host_of(url)) == "never":
+        raise bad(f"Field '{field_name}' points to an address that is never allowed")
+    return url
+
+
+def optional_key(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value in (None, ""):
+        return None
+    return check_hex(value, name, 64)
+
+
+def optional_sig(body: dict, name: str = "signature_v2_hex") -> str | None:
+    value = body.get(name)
+    if value in (None, ""):
+        return None
+    return check_hex(value, name, 128)
+
+
+def check_signed(key: str | None, text: str, signature: str | None, timestamp: Any) -> None:
+    """Fresh timestamp and valid signature, else 403 with the §2.2 code."""
+    if not is_fresh(timestamp):
+        raise forbidden("Stale or missing timestamp", "stale_timestamp")
+    if not key or not verify(key, text, signature):
+        raise forbidden("Invalid signature", "invalid_signature")
+
+
+def self_certifying_rules(agent_id: str, key: str | None, signature: str | None) -> None:
+    """§3.2/§4.3: a 64-hex id must equal its key and must sign."""
+    if is_self_certifying(agent_id):
+        if key is not None and key != agent_id:
+            raise forbidden("Public key mismatch: a self-certifying agent_id must equal its key", "key_mismatch")
+        if signature is None:
+            raise forbidden("Signature required for a self-certifying agent_id", "signature_required")
+
+
+def agent_url_for(node: Node, caller: Caller) -> str:
+    """§4.2: the URL we tell a requester, built from the Host header it used."""
+    host = caller.host
+    if not valid_host_header(host):
+        return node.base_url
+    scheme = caller.headers.get("x-forwarded-proto", "").lower()
+    if scheme not in ("http", "https"):
+        scheme = caller.scheme if caller.scheme in ("http", "https") else "http"
+    try:
+        url = normalize(f"{scheme}://{host}")
+    except ProtocolError:
+        return node.base_url
+    public = node.config.public_url
+    if public:
+        try:
+            if origin_key(public)[1:3] == origin_key(url)[1:3]:
+                return public
+        except ProtocolError:
+            pass
+    return url
+
+
+def accept_body(node: Node, requester_id: str, agent_url: str) -> dict:
+    ts = now_iso()
+    body = {"auto_accepted": True, "agent_id": node.agent_id, "agent_url": agent_url,
+            "agent_bio": node.state.get("bio"), "agent_public_key_hex": node.public_key_hex,
+            "agent_display_name": node.state.get("display_name"), "protocol_version": PROTOCOL_VERSION,
+            "timestamp": ts}
+    body["signature_v2_hex"] = node.sign_v2("connection_accepted", node.agent_id, agent_url,
+                                            node.public_key_hex, requester_id, ts)
+    return body
+
+
+def new_connection(agent_id: str, url: str, key: str | None, direction: str, *, bio: Any = None,
+                   display_name: Any = None, self_url: str | None = None, version: Any = None) -> dict:
+    return {"agent_id": agent_id, "agent_url": url, "agent_bio": truncate(bio, MAX_BIO),
+            "direction": direction, "connected_at": now_iso(), "messages_sent": 0, "messages_received": 0,
+            "messages_declined": 0, "total_response_time_ms": 0, "last_activity": now_iso(),
+            "agent_public_key_hex": key, "agent_display_name": truncate(display_name, MAX_NAME) or None,
+            "self_url": self_url, "protocol_version": version if isinstance(version, str) else None,
+            "health_failures": 0, "last_peer_update_ts": None, "known_03": version_at_least(version)}
+
+
+def rate_key(caller: Caller, claimed: Any) -> tuple[str, float]:
+    """§13.1: loopback sources are keyed by the claimed agent id, else get ten times the capacity."""
+    if caller.is_loopback:
+        if isinstance(claimed, str) and claimed:
+            return "id:" + claimed[:128], 1.0
+        return "ip:" + caller.ip, 10.0
+    return "ip:" + caller.ip, 1.0
+
+
+# --- handshake (§4.3–§4.6) -------------------------------------------------------------------------
+
+
+async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
+    inactive_check(node)
+    key, scale = rate_key(caller, body.get("from_agent_id"))
+    node.rate.check("connection_request_ip", key, scale)
+    node.rate.check("connection_request_node")
+    require(body, "from_agent_id", "from_agent_url")
+    from_id = check_id(body["from_agent_id"], "from_agent_id")
+    from_url = check_peer_url(body["from_agent_url"], "from_agent_url")
+    presented = optional_key(body, "from_agent_public_key_hex")
+    bio = get_str(body, "from_agent_bio")
+    name = get_str(body, "from_agent_display_name")
+    version = get_str(body, "protocol_version", max_len=32)
+    signature = optional_sig(body)
+    timestamp = get_str(body, "timestamp", max_len=64)
+    self_certifying_rules(from_id, presented, signature)
+    if from_id == node.agent_id:
+        raise forbidden("Refusing a connection request from this node's own id")
+    existing = node.connections.get(from_id)
+    stored = existing.get("agent_public_key_hex") if existing else None
+    signed = False
+    if signature is not None:
+        verify_key = stored or presented
+        check_signed(verify_key, v2_string("connection_request", from_id, body["from_agent_url"],
+                                           body.get("from_agent_public_key_hex") or "", timestamp),
+                     signature, timestamp)
+        signed = True
+
+    agent_url = agent_url_for(node, caller)
+    if existing is not None:
+        if stored and presented != stored:
+            raise forbidden("Public key mismatch", "key_mismatch")
+        if signed and stored and not node.is_own_url(from_url) and origin_key(from_url) != origin_key(existing["agent_url"]):
+            from darkmatter import healing
+
+            if await healing.verify_url(node, from_id, from_url):
+                existing["agent_url"] = from_url
+        if node.is_own_url(agent_url):
+            existing["self_url"] = agent_url
+        if signed or version_at_least(version):
+            mark_03(existing)
+            if version:
+                existing["protocol_version"] = version
+        existing["health_failures"] = 0
+        await node.save()
+        return {**accept_body(node, from_id, agent_url), "message": "Already connected."}
+
+    request = {"from_agent_id": from_id, "from_agent_url": from_url, "from_agent_bio": truncate(bio, MAX_BIO),
+               "from_agent_display_name": truncate(name, MAX_NAME) or None,
+               "from_agent_public_key_hex": presented, "protocol_version": version, "signed": signed}
+    decision = node.pm.hook.dm_trust_connection_request(node=node, request=dict(request))
+    if decision == "reject":
+        raise forbidden("Connection request declined by this agent's policy")
+    if decision == "accept" and len(node.connections) < MAX_CONNECTIONS:
+        conn = new_connection(from_id, from_url, presented, "inbound", bio=bio, display_name=name,
+                              self_url=agent_url, version=version)
+        if signed:
+            mark_03(conn)
+        node.connections[from_id] = conn
+        node.state["pending_requests"] = {k: v for k, v in node.state["pending_requests"].items()
+                                          if v.get("from_agent_id") != from_id}
+        await node.save()
+        await node.emit("dm_on_connection_changed", agent_id=from_id, event="connected")
+        return accept_body(node, from_id, agent_url)
+
+    pending = node.state["pending_requests"]
+    prune_pending(node)
+    for request_id, entry in pending.items():
+        if entry.get("from_agent_id") == from_id:
+            if signed and presented and presented == entry.get("from_agent_public_key_hex"):
+                entry.update(from_agent_url=from_url, from_agent_bio=request["from_agent_bio"],
+                             from_agent_display_name=request["from_agent_display_name"])
+                await node.save()
+            return {"auto_accepted": False, "request_id": request_id,
+                    "message": "Connection request queued. Awaiting agent decision."}
+    if len(pending) >= MAX_PENDING_IN:
+        raise ProtocolError(429, "capacity", "Too many pending requests")
+    request_id = new_request_id()
+    pending[request_id] = {**request, "request_id": request_id, "request_host": caller.host,
+                           "request_scheme": caller.headers.get("x-forwarded-proto") or caller.scheme,
+                           "requested_at": now_iso()}
+    await node.save()
+    await node.emit("dm_on_connection_changed", agent_id=from_id, event="requested")
+    return {"auto_accepted": False, "request_id": request_id,
+            "message": "Connection request queued. Awaiting agent decision."}
+
+
+def prune_pending(node: Node) -> None:
+    pending = node.state["pending_requests"]
+    for request_id, entry in list(pending.items()):
+        age = age_seconds(entry.get("requested_at"))
+        if age is None or age > PENDING_TTL:
+            del pending[request_id]
+    outbound = node.state["pending_outbound"]
+    outbound[:] = [p for p in outbound if (age_seconds(p.get("created_at")) or 0) <= PENDING_TTL]
+
+
+def find_pending_outbound(node: Node, agent_id: str | None, agent_url: str | None) -> dict | None:
+    for entry in node.state["pending_outbound"]:
+        if agent_id and entry.get("expected_agent_id") == agent_id:
+            return entry
+    for entry in node.state["pending_outbound"]:
+        try:
+            if agent_url and origin_key(entry["target_base"]) == origin_key(agent_url):
+                return entry
+        except ProtocolError:
+            continue
+    return None
+
+
+async def connection_accepted(node: Node, body: dict, caller: Caller) -> dict:
+    require(body, "agent_id", "agent_url")
+    agent_id = check_id(body["agent_id"], "agent_id")
+    agent_url = check_peer_url(body["agent_url"], "agent_url")
+    presented = optional_key(body, "agent_public_key_hex")
+    signature = optional_sig(body)
+    timestamp = get_str(body, "timestamp", max_len=64)
+    version = get_str(body, "protocol_version", max_len=32)
+    bio = get_str(body, "agent_bio")
+    name = get_str(body, "agent_display_name")
+    self_certifying_rules(agent_id, presented, signature)
+    pending = find_pending_outbound(node, agent_id, agent_url)
+    existing = node.connections.get(agent_id)
+    if pending is None:
+        if existing is not None and existing.get("agent_public_key_hex") == presented:
+            return {"success": True}
+        raise forbidden("No pending outbound connection request for this agent.")
+    expected_id = pending.get("expected_agent_id")
+    expected_key = pending.get("expected_public_key_hex")
+    if expected_id is not None and (agent_id != expected_id or (expected_key and presented != expected_key)):
+        raise forbidden("Public key mismatch: not the identity this node asked to connect to", "key_mismatch")
+    needs_signature = is_self_certifying(agent_id) or version_at_least(pending.get("expected_protocol_version"))
+    if signature is not None or needs_signature:
+        if signature is None:
+            raise forbidden("Signature required", "signature_required")
+        check_signed(expected_key or presented, v2_string(
+            "connection_accepted", agent_id, body["agent_url"], body.get("agent_public_key_hex") or "",
+            node.agent_id, timestamp), signature, timestamp)
+    if existing is not None:
+        if existing.get("agent_public_key_hex") and existing["agent_public_key_hex"] != presented:
+            raise forbidden("Public key mismatch", "key_mismatch")
+        node.state["pending_outbound"].remove(pending)
+        await node.save()
+        return {"success": True}
+    if len(node.connections) >= MAX_CONNECTIONS:
+        raise ProtocolError(429, "capacity", "Connection limit reached")
+    conn = new_connection(agent_id, pending["target_base"], presented, "outbound", bio=bio, display_name=name,
+                          self_url=node.base_url, version=version)
+    if signature is not None:
+        mark_03(conn)
+    node.connections[agent_id] = conn
+    node.state["pending_outbound"].remove(pending)
+    await node.save()
+    await node.emit("dm_on_connection_changed", agent_id=agent_id, event="connected")
+    return {"success": True}
+
+
+async def connection_rejected(node: Node, body: dict, caller: Caller) -> dict:
+    require(body, "agent_id", "requester_agent_id", "timestamp", "signature_v2_hex")
+    agent_id = check_id(body["agent_id"], "agent_id")
+    requester = check_id(body["requester_agent_id"], "requester_agent_id")
+    signature = optional_sig(body)
+    timestamp = get_str(body, "timestamp", max_len=64)
+    reason = get_str(body, "reason", max_len=MAX_NOTE)
+    agent_url = body.get("agent_url")
+    if agent_url is not None:
+        agent_url = check_peer_url(agent_url, "agent_url")
+    if requester != node.agent_id:
+        raise forbidden("This rejection is not addressed to this node")
+    pending = find_pending_outbound(node, agent_id, agent_url)
+    if pending is None:
+        raise ProtocolError(404, "not_found", "No pending outbound connection request for this agent")
+    key = pending.get("expected_public_key_hex") or (agent_id if is_self_certifying(agent_id) else None)
+    if not key:
+        raise forbidden("Cannot verify a rejection from a keyless agent", "invalid_signature")
+    check_signed(key, v2_string("connection_rejected", agent_id, requester, timestamp), signature, timestamp)
+    node.state["pending_outbound"].remove(pending)
+    add_notice(node, "rejected", agent_id, reason or "Connection request rejected")
+    await node.save()
+    await node.emit("dm_on_connection_changed", agent_id=agent_id, event="rejected")
+    return {"success": True}
+
+
+async def disconnect(node: Node, body: dict, caller: Caller) -> dict:
+    require(body, "agent_id", "peer_agent_id")
+    agent_id = check_id(body["agent_id"], "agent_id")
+    peer = check_id(body["peer_agent_id"], "peer_agent_id")
+    signature = optional_sig(body)
+    timestamp = get_str(body, "timestamp", max_len=64)
+    reason = get_str(body, "reason", max_len=MAX_NOTE)
+    if agent_id not in node.connections:
+        return {"success": True, "disconnected": False}
+    if peer != node.agent_id:
+        raise forbidden("This disconnect is not addressed to this node")
+    key = node.key_of(agent_id)
+    if key is None:
+        raise forbidden("Cannot verify a disconnect from a keyless connection", "signature_required")
+    if signature is None:
+        raise forbidden("Signature required", "signature_required")
+    check_signed(key, v2_string("disconnect", agent_id, peer, timestamp), signature, timestamp)
+    from darkmatter import actions
+
+    actions.drop_connection(node, agent_id)
+    add_notice(node, "disconnected", agent_id, reason or "The peer disconnected")
+    await node.save()
+    await node.emit("dm_on_connection_changed", agent_id=agent_id, event="disconnected")
+    return {"success": True, "disconnected": True}
+
+
+def add_notice(node: Node, kind: str, agent_id: str, text: str) -> None:
+    notices = node.state["notices"]
+    notices.append({"type": kind, "agent_id": agent_id, "text": text[:MAX_NOTE], "at": now_iso()})
+    del notices[:-50]
+
+
+# --- messages (§4.7, §3.6, §3.7) --------------------------------------------------------------
+
+
+def verify_message(node: Node, body: dict, conn: dict) -> tuple[bool, int | None]:
+    """§3.6 for a sender that is a connection. Returns (verified, signature_version)."""
+    sender = body["from_agent_id"]
+    key = node.key_of(sender)
+    if key is None:
+        return False, None
+    presented = body.get("from_public_key_hex")
+    if presented in (None, ""):
+        raise forbidden("Signature required: this connection has a key", "signature_required")
+    if check_hex(presented, "from_public_key_hex", 64) != key:
+        raise forbidden("Public key mismatch", "key_mismatch")
+    timestamp = body.get("timestamp")
+    if not isinstance(timestamp, str) or not is_fresh(timestamp):
+        raise forbidden("Stale or missing timestamp", "stale_timestamp")
+    sig2 = optional_sig(body)
+    if sig2 is not None:
+        text = v2_message(sender, node.agent_id, body["message_id"], timestamp, body["hops_remaining"],
+                          body["webhook"], body["content"], body.get("metadata") or {})
+        if not verify(key, text, sig2):
+            raise forbidden("Invalid signature", "invalid_signature")
+        mark_03(conn)
+        return True, 2
+    if known_03(conn):
+        raise forbidden("Signature required: a 0.3 peer must send signature_v2_hex", "signature_required")
+    sig1 = optional_sig(body, "signature_hex")
+    if sig1 is None or not verify(key, v1_string(sender, body["message_id"], timestamp, body["content"]), sig1):
+        raise forbidden("Invalid signature", "invalid_signature")
+    return True, 1
+
+
+def seen(node: Node, message_id: str) -> bool:
+    if message_id in node.state["seen_message_ids"]:
+        return True
+    return any(m.get("message_id") == message_id for m in node.state["inbox"])
+
+
+def remember(node: Node, message_id: str) -> None:
+    ids = node.state["seen_message_ids"]
+    now = time.time()
+    ids[message_id] = int(now)
+    if len(ids) > SEEN_MAX or len(ids) % 500 == 0:
+        for mid, stamp in list(ids.items()):
+            age = now - stamp
+            if age > SEEN_MAX_AGE or (len(ids) > SEEN_MAX and age > SEEN_MIN_AGE):
+                del ids[mid]
+
+
+async def message(node: Node, body: dict, caller: Caller) -> dict:
+    inactive_check(node)
+    require(body, "message_id", "webhook", "from_agent_id")
+    if "content" not in body or body["content"] is None:
+        raise ProtocolError(400, "missing_fields", "Missing required fields: content")
+    message_id = check_message_id(body["message_id"])
+    sender = check_id(body["from_agent_id"], "from_agent_id")
+    get_str(body, "webhook")
+    hops = get_int(body, "hops_remaining", 10)
+    if hops < 0:
+        raise bad("Field 'hops_remaining' must not be negative")
+    body["hops_remaining"] = hops
+    for name in ("timestamp", "from_public_key_hex", "signature_hex", "signature_v2_hex"):
+        get_str(body, name)
+    check_content(body["content"])
+    metadata = check_metadata(body.get("metadata"))
+    problem = webhook_problem(body["webhook"], message_id)
+    if problem:
+        raise bad(f"Invalid webhook: {problem}")
+    conn = node.connections.get(sender)
+    if conn is None:
+        raise forbidden("Not connected — only connected agents can send messages.", "not_connected")
+    verified, sig_version = verify_message(node, body, conn)
+    if seen(node, message_id):
+        return {"success": True, "duplicate": True}
+    node.rate.check("message_peer", sender)
+    node.rate.check("message_node")
+    inbox = node.state["inbox"]
+    if len(inbox) >= node.config.inbox_max:
+        raise ProtocolError(429, "capacity", "Message queue full")
+    from_sender = sum(1 for m in inbox if m.get("from_agent_id") == sender)
+    if from_sender >= max(1, node.config.inbox_max // 2):
+        raise ProtocolError(429, "capacity", "Message queue full for this sender")
+    entry = {"message_id": message_id, "content": body["content"], "webhook": body["webhook"],
+             "hops_remaining": min(hops, HOPS_CAP), "from_agent_id": sender, "metadata": metadata,
+             "received_at": now_iso(), "verified": verified, "signature_version": sig_version,
+             "forwarded_to": [], "transport": caller.transport}
+    inbox.append(entry)
+    remember(node, message_id)
+    node.state["messages_handled"] = node.state.get("messages_handled", 0) + 1
+    conn["messages_received"] = conn.get("messages_received", 0) + 1
+    conn["last_activity"] = now_iso()
+    if verified:
+        conn["health_failures"] = 0
+    await node.save()
+    await node.emit("dm_on_message_received", message=entry)
+    return {"success": True, "queued": True, "queue_position": len(inbox)}
+
+
+# --- webhooks (§5.6, §5.7) ------------------------------------------------------------------------
+
+
+def _sent(node: Node, message_id: str) -> dict:
+    check_message_id(message_id)
+    sent = node.state["sent_messages"].get(message_id)
+    if sent is None:
+        raise ProtocolError(404, "unknown_message", f"No sent message with ID '{message_id}'")
+    return sent
+
+
+async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) -> dict:
+    key, scale = rate_key(caller, body.get("agent_id"))
+    node.rate.check("webhook_ip", key, scale)
+    sent = _sent(node, message_id)
+    update_type = body.get("type")
+    if update_type not in ("forwarded", "expired", "response"):
+        raise bad(f"Unknown update type: '{str(update_type)[:64]}'")
+    require(body, "agent_id")
+    agent_id = check_id(body["agent_id"], "agent_id")
+    target = body.get("target_agent_id")
+    if target not in (None, ""):
+        target = check_id(target, "target_agent_id")
+    note = get_str(body, "note", max_len=MAX_NOTE)
+    text = None
+    metadata: dict = {}
+    if update_type == "response":
+        if "response" not in body or body["response"] is None:
+            raise ProtocolError(400, "missing_fields", "Missing required fields: response")
+        text = check_content(body["response"], "response")
+        metadata = check_metadata(body.get("metadata"))
+    timestamp = get_str(body, "timestamp", max_len=64)
+    presented = optional_key(body, "from_public_key_hex")
+    sig2 = optional_sig(body)
+    sig1 = optional_sig(body, "signature_hex")
+    key = node.key_of(agent_id)
+    verified = False
+    if presented is not None and key is not None and presented != key:
+        raise forbidden("Public key mismatch", "key_mismatch")
+    if sig2 is not None and key is not None:
+        check_signed(key, v2_webhook_update(message_id, update_type, agent_id, target, timestamp,
+                                            text if update_type == "response" else note, metadata),
+                     sig2, timestamp)
+        verified = True
+    elif update_type == "response" and sig1 is not None and key is not None:
+        check_signed(key, v1_string(agent_id, message_id, timestamp, text), sig1, timestamp)
+        verified = True
+    elif is_self_certifying(agent_id) or known_03(node.connections.get(agent_id)):
+        raise forbidden("Signature required", "signature_required")
+
+    status = sent.get("status", "active")
+    if update_type == "response":
+        digest = h(text)
+        if any(r.get("agent_id") == agent_id and h(r.get("response") or "") == digest for r in sent["responses"]):
+            return {"success": True, "duplicate": True, "recorded": "response", "verified": verified,
+                    "status": status}
+        if len(sent["responses"]) >= MAX_RESPONSES:
+            raise ProtocolError(429, "capacity", "Too many responses for this message")
+        after_expiry = status == "expired"
+        record = {"agent_id": agent_id, "response": text, "metadata": metadata, "timestamp": now_iso(),
+                  "sent_at": timestamp, "verified": verified, "after_expiry": after_expiry}
+        sent["responses"].append(record)
+        live = [r for r in sent["responses"] if not r.get("after_expiry")]
+        sent["response"] = next((r for r in live if r.get("verified")), None) or (live[0] if live else None)
+        if not after_expiry and status == "active":
+            sent["status"] = "responded"
+        conn = node.connections.get(agent_id)
+        if conn is not None and verified:
+            conn["health_failures"] = 0
+        await node.save()
+        await node.emit("dm_on_response_received", sent_message=sent, response=record)
+    else:
+        for u in sent["updates"]:
+            same = u.get("type") == update_type and u.get("agent_id") == agent_id
+            if same and (update_type == "expired" or u.get("target_agent_id") == target):
+                return {"success": True, "duplicate": True, "recorded": update_type, "verified": verified,
+                        "status": status}
+        if len(sent["updates"]) >= MAX_UPDATES:
+            raise ProtocolError(429, "capacity", "Too many updates for this message")
+        record = {"type": update_type, "agent_id": agent_id, "note": note, "timestamp": now_iso(),
+                  "sent_at": timestamp, "verified": verified}
+        if update_type == "forwarded":
+            record["target_agent_id"] = target
+        sent["updates"].append(record)
+        await node.save()
+        node.changed()
+    return {"success": True, "recorded": update_type, "verified": verified, "status": sent["status"]}
+
+
+def hops_remaining(sent: dict) -> int:
+    """§5.7: initial hops minus the longest recorded forwarding chain."""
+    initial = int(sent.get("initial_hops") or 0)
+    depth = {r: 0 for r in sent.get("routed_to", [])}
+    edges = [(u.get("agent_id"), u.get("target_agent_id")) for u in sent.get("updates", [])
+             if u.get("type") == "forwarded" and u.get("target_agent_id")]
+    for _ in range(min(initial, HOPS_CAP)):
+        changed = False
+        for x, y in edges:
+            d = min(depth.get(x, 0) + 1, initial)
+            if d > depth.get(y, -1):
+                depth[y] = d
+                changed = True
+        if not changed:
+            break
+    return max(0, initial - max(depth.values(), default=0))
+
+
+def webhook_status(node: Node, sent: dict) -> dict:
+    return {"message_id": sent["message_id"], "status": sent.get("status", "active"),
+            "initial_hops": sent.get("initial_hops"), "hops_remaining": hops_remaining(sent),
+            "created_at": sent.get("created_at"), "origin_agent_id": node.agent_id,
+            "routed_to": list(sent.get("routed_to", [])), "response_count": len(sent.get("responses", [])),
+            "updates": [{k: u.get(k) for k in ("type", "agent_id", "target_agent_id", "timestamp", "sent_at",
+                                                  "verified") if k in u or k != "target_agent_id"}
+                        for u in sent.get("updates", [])]}
+
+
+async def webhook_get(node: Node, message_id: str, caller: Caller) -> dict:
+    node.rate.check("get_ip", *rate_key(caller, caller.headers.get("x-darkmatter-agent-id")))
+    return webhook_status(node, _sent(node, message_id))
+
+
+# --- status, network info, lookups (§4.8–§4.10, §8.3) ---------------------------------------------
+
+
+def authenticated_as(node: Node, caller: Caller, path: str) -> str | None:
+    """§3.8: the connection a signed GET authenticates as, or None."""
+    agent_id = caller.headers.get("x-darkmatter-agent-id")
+    timestamp = caller.headers.get("x-darkmatter-timestamp")
+    signature = caller.headers.get("x-darkmatter-signature")
+    if not agent_id or agent_id not in node.connections:
+        return None
+    key = node.key_of(agent_id)
+    if not key or not is_fresh(timestamp):
+        return None
+    if not verify(key, v2_string("request", "GET", path, agent_id, node.agent_id, timestamp), signature):
+        return None
+    return agent_id
+
+
+async def status(node: Node, caller: Caller) -> dict:
+    node.rate.check("get_ip", *rate_key(caller, caller.headers.get("x-darkmatter-agent-id")))
+    return node.public_status()
+
+
+async def network_info(node: Node, caller: Caller) -> dict:
+    node.rate.check("get_ip", *rate_key(caller, caller.headers.get("x-darkmatter-agent-id")))
+    show = caller.is_loopback or authenticated_as(node, caller, "/__darkmatter__/network_info") is not None
+    peers = [{"agent_id": c["agent_id"], "agent_url": c.get("agent_url"), "agent_bio": c.get("agent_bio")}
+             for c in node.connections.values()] if show else []
+    return {"agent_id": node.agent_id, "display_name": node.state.get("display_name"),
+            "public_key_hex": node.public_key_hex, "agent_url": agent_url_for(node, caller),
+            "bio": node.state.get("bio"), "is_genesis": bool(node.state.get("is_genesis")),
+            "accepting_connections": node.accepting_connections(), "protocol_version": PROTOCOL_VERSION,
+            "peers": peers}
+
+
+async def peer_lookup(node: Node, agent_id: str, caller: Caller) -> dict:
+    node.rate.check("get_ip", *rate_key(caller, caller.headers.get("x-darkmatter-agent-id")))
+    check_id(agent_id, "agent_id")
+    conn = node.connections.get(agent_id)
+    if conn is None:
+        raise ProtocolError(404, "unknown_agent", "Not connected to that agent")
+    return {"agent_id": agent_id, "url": conn.get("agent_url"), "status": "connected"}
+
+
+def well_known(node: Node, caller: Caller) -> dict:
+    base = node.config.public_url or agent_url_for(node, caller)
+    status_ = node.public_status()
+    return {"darkmatter": True, "protocol_version": PROTOCOL_VERSION, "agent_id": node.agent_id,
+            "display_name": status_["display_name"], "public_key_hex": node.public_key_hex,
+            "bio": status_["bio"], "status": status_["status"],
+            "accepting_connections": status_["accepting_connections"],
+            "mesh_url": base + "/__darkmatter__", "mcp_url": base + "/mcp",
+            "webrtc_enabled": any(t.name == "webrtc" for t in node.transports),
+            "is_genesis": status_["is_genesis"], "plugins": node.plugin_list()}
+
+
+async def impression(node: Node, about: str, caller: Caller) -> dict:
+    path = "/__darkmatter__/impression/" + about
+    headers = caller.headers
+    if not all(headers.get(k) for k in ("x-darkmatter-agent-id", "x-darkmatter-timestamp",
+                                        "x-darkmatter-signature")):
+        raise forbidden("Signed request required: impressions are shared only with connected agents (send "
+                        "X-DarkMatter-Agent-Id, X-DarkMatter-Timestamp, X-DarkMatter-Signature)",
+                        "signature_required")
+    requester = headers["x-darkmatter-agent-id"]
+    if requester not in node.connections or node.key_of(requester) is None:
+        raise forbidden("Not connected", "not_connected")
+    if not is_fresh(headers["x-darkmatter-timestamp"]):
+        raise forbidden("Stale or missing timestamp", "stale_timestamp")
+    if authenticated_as(node, caller, path) != requester:
+        raise forbidden("Invalid signature", "invalid_signature")
+    node.rate.check("impression", requester)
+    check_id(about, "agent_id")
+    text = node.state["impressions"].get(about)
+    if isinstance(text, dict):
+        text = text.get("text") or text.get("impression")
+    if not text:
+        return {"agent_id": about, "has_impression": False}
+    return {"agent_id": about, "has_impression": True, "impression": text}
+
+
+# --- peer_update (§6.3) ----------------------------------------------------------------------------
+
+
+async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
+    if not body.get("agent_id") or not body.get("new_url"):
+        raise ProtocolError(400, "missing_fields", "Missing agent_id or new_url")
+    agent_id = check_id(body["agent_id"], "agent_id")
+    new_url = check_peer_url(body["new_url"], "new_url")
+    key_rate, scale = rate_key(caller, agent_id)
+    node.rate.check("peer_update_ip", key_rate, scale)
+    conn = node.connections.get(agent_id)
+    if conn is None:
+        raise ProtocolError(404, "unknown_agent", "Unknown agent")
+    key = node.key_of(agent_id)
+    presented = optional_key(body, "public_key_hex")
+    if presented is not None and key is not None and presented != key:
+        raise forbidden("Public key mismatch", "key_mismatch")
+    if key is None:
+        raise forbidden("This connection has no key; its URL cannot be updated")
+    signature = body.get("signature")
+    timestamp = body.get("timestamp")
+    if not signature or not timestamp:
+        raise forbidden("Signature required", "signature_required")
+    signature = check_hex(signature, "signature", 128)
+    get_str(body, "timestamp", max_len=64)
+    last = conn.get("last_peer_update_ts")
+    ts_age = age_seconds(timestamp)
+    last_age = age_seconds(last) if last else None
+    if not is_fresh(timestamp) or (last_age is not None and ts_age is not None and ts_age >= last_age):
+        raise forbidden("Stale timestamp", "stale_timestamp")
+    if not verify(key, peer_update_string(agent_id, body["new_url"], timestamp), signature):
+        raise forbidden("Invalid signature", "invalid_signature")
+    if origin_key(new_url) == origin_key(conn["agent_url"]):
+        conn["last_peer_update_ts"] = timestamp
+        node.save_soon()
+        return {"success": True, "updated": False}
+    from darkmatter import healing
+
+    outcome = await healing.check_url(node, agent_id, new_url)
+    if outcome == "unreachable":
+        raise ProtocolError(422, "unverifiable_url", "The new URL could not be verified")
+    if outcome != "ok":
+        raise forbidden("The new URL serves another identity", "key_mismatch")
+    conn["agent_url"] = new_url
+    conn["last_peer_update_ts"] = timestamp
+    conn["health_failures"] = 0
+    await node.save()
+    await node.emit("dm_on_connection_changed", agent_id=agent_id, event="url_changed")
+    return {"success": True, "updated": True}
