@@ -104,6 +104,7 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
+            self._wake.clear()
             now = time.time()
             soonest = None
             for entry in list(self.entries):
@@ -112,15 +113,18 @@ class Outbox:
                 if entry["next_attempt_at"] <= now:
                     task = asyncio.get_running_loop().create_task(self._attempt(entry))
                     self._inflight[entry["id"]] = task
-                    task.add_done_callback(lambda t, eid=entry["id"]: self._inflight.pop(eid, None))
+                    task.add_done_callback(lambda t, eid=entry["id"]: self._attempt_done(eid))
                 elif soonest is None or entry["next_attempt_at"] < soonest:
                     soonest = entry["next_attempt_at"]
-            self._wake.clear()
             timeout = None if soonest is None else max(0.01, soonest - time.time())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
+
+    def _attempt_done(self, entry_id: str) -> None:
+        self._inflight.pop(entry_id, None)
+        self._wake.set()
 
     async def _attempt(self, entry: dict) -> None:
         async with self._sem:
@@ -157,7 +161,6 @@ class Outbox:
                     from darkmatter import healing
 
                     self.node.spawn(healing.recover(self.node, entry["target_agent_id"]), name="peer-lookup")
-                self._wake.set()
                 return
             self._finish(entry, "delivered" if kind == "delivered" else "failed", reply)
 

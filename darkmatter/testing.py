@@ -87,3 +87,61 @@ async def mesh(directory: Path, n: int, *, connect_as: str = "chain", **kwargs) 
 def client(node: Node, **kwargs) -> httpx.AsyncClient:
     """An HTTP client aimed at the node's port (a real socket, as any peer)."""
     return httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.port}", trust_env=False, **kwargs)
+
+
+class RawPeer:
+    """A hand-driven peer holding its own Ed25519 key: speaks the wire protocol directly, so tests
+    can send exactly the bytes a 0.2 node, a 0.3 node or an attacker would."""
+
+    def __init__(self, url: str = "http://127.0.0.1:9", *, agent_id: str | None = None, keyed: bool = True):
+        from darkmatter.identity import Identity
+
+        self.identity = Identity.generate() if keyed else None
+        self.url = url
+        self.agent_id = agent_id or (self.identity.public_key_hex if self.identity else None)
+
+    def connection_request(self, *, sign: bool = True, **overrides) -> dict:
+        from darkmatter.identity import v2_string
+        from darkmatter.wire import now_iso
+
+        body = {"from_agent_id": self.agent_id, "from_agent_url": self.url, "from_agent_bio": "raw peer",
+                "from_agent_display_name": "raw", "protocol_version": "0.3" if sign else None}
+        if self.identity is not None:
+            body["from_agent_public_key_hex"] = self.identity.public_key_hex
+        if sign and self.identity is not None:
+            body["timestamp"] = now_iso()
+            body["signature_v2_hex"] = self.identity.sign(v2_string(
+                "connection_request", self.agent_id, self.url, self.identity.public_key_hex, body["timestamp"]))
+        body.update(overrides)
+        return body
+
+    def message(self, node: Node, content: str = "hello", *, message_id: str | None = None,
+                webhook: str | None = None, hops: int = 10, metadata: dict | None = None, v1: bool = True,
+                v2: bool = True, timestamp: str | None = None) -> dict:
+        from darkmatter.identity import v1_string, v2_message
+        from darkmatter.wire import new_message_id, now_iso
+
+        message_id = message_id or new_message_id()
+        webhook = webhook or f"{self.url}/__darkmatter__/webhook/{message_id}"
+        ts = timestamp or now_iso()
+        body = {"message_id": message_id, "content": content, "webhook": webhook, "hops_remaining": hops,
+                "from_agent_id": self.agent_id, "metadata": metadata or {}}
+        if self.identity is not None and (v1 or v2):
+            body["timestamp"] = ts
+            body["from_public_key_hex"] = self.identity.public_key_hex
+            if v1:
+                body["signature_hex"] = self.identity.sign(v1_string(self.agent_id, message_id, ts, content))
+            if v2:
+                body["signature_v2_hex"] = self.identity.sign(v2_message(
+                    self.agent_id, node.agent_id, message_id, ts, hops, webhook, content, metadata or {}))
+        return body
+
+    async def post(self, node: Node, path: str, body, **kwargs) -> httpx.Response:
+        async with client(node) as http:
+            if isinstance(body, (bytes, str)):
+                return await http.post(path, content=body, headers={"Content-Type": "application/json"}, **kwargs)
+            return await http.post(path, json=body, **kwargs)
+
+    async def connect(self, node: Node, **overrides) -> dict:
+        response = await self.post(node, "/__darkmatter__/connection_request", self.connection_request(**overrides))
+        return response.json()
