@@ -479,7 +479,13 @@ async def message(node: Node, body: dict, caller: Caller) -> dict:
     conn["last_activity"] = now_iso()
     if verified:
         conn["health_failures"] = 0
-    await node.save()
+    path = ["connections", sender]
+    await node.save([("append", ["inbox"], entry),
+                     ("set", ["seen_message_ids", message_id], node.state["seen_message_ids"][message_id]),
+                     ("set", ["messages_handled"], node.state["messages_handled"]),
+                     ("set", [*path, "messages_received"], conn["messages_received"]),
+                     ("set", [*path, "last_activity"], conn["last_activity"]),
+                     ("set", [*path, "health_failures"], conn.get("health_failures", 0))])
     await node.emit("dm_on_message_received", message=entry)
     return {"success": True, "queued": True, "queue_position": len(inbox)}
 

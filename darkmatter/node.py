@@ -95,6 +95,7 @@ class Node:
             return register
 
         route_owner: dict[tuple[str, str], str] = {}
+        self.route_owners = route_owner  # (method, path) -> plugin, for `darkmatter plugins`
 
         def route_register(owner: str):
             def register(route) -> None:
@@ -241,10 +242,13 @@ class Node:
 
     # --- persistence ----------------------------------------------------------------------
 
-    async def save(self) -> None:
-        """Durable on return (PROTOCOL.md §11.2); concurrent callers share one write."""
+    async def save(self, ops: list | None = None) -> None:
+        """Durable on return (PROTOCOL.md §11.2); concurrent callers share one write.
+
+        ``ops`` (journal records, see ``darkmatter/storage.py``) describe the change exactly and make the
+        write a small journal append instead of a snapshot; pass them on hot paths only."""
         assert self.persister is not None
-        await self.persister.save()
+        await self.persister.save(ops)
 
     def save_soon(self) -> None:
         """Persist without waiting: for changes nobody was promised durability of."""
@@ -377,6 +381,10 @@ class Node:
             self.net = Net(self.is_local, self.known_origin)
             self.outbox = Outbox(self)
             self._stack = contextlib.AsyncExitStack()
+            from darkmatter.mcp import McpServer
+
+            self.mcp = McpServer(self)
+            await self._stack.enter_async_context(self.mcp.lifespan())
             for cm in reversed(self.pm.hook.dm_lifespan(node=self)):
                 if cm is not None:
                     await self._stack.enter_async_context(cm)

@@ -1,18 +1,20 @@
-"""The JSON state file of PROTOCOL.md §11: atomic writes, 0600, corruption kept aside."""
+"""The JSON state file of PROTOCOL.md §11: atomic snapshots, an append-only journal beside it
+(``<state>.journal``, see ``darkmatter/storage.py``), 0600, corruption kept aside."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
 from darkmatter import hookimpl
 from darkmatter.state import StateError, check_loaded, corrupt_copy_name, is_02
+from darkmatter.storage import replay
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ class JsonFileStorage:
 
     def __init__(self, path: Path, recovery: str | None = None):
         self.path = Path(path)
+        self.journal_path = self.path.with_name(self.path.name + ".journal")
         self.recovery = recovery
         self._backup_02 = False
 
@@ -35,18 +38,24 @@ class JsonFileStorage:
             log.warning("state directory %s had mode %o; tightening to 0700", directory, mode)
             os.chmod(directory, 0o700)
 
+    def _remove_stale_temps(self) -> None:
+        """Delete temporary files left by a writer that died mid-write (§11.2 step 1 names them)."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            pid_text = tmp.name[len(f".{self.path.name}.tmp-"):].split("-", 1)[0]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+                continue  # NOTE: a live writer's file is in flight; only a dead writer's is stale
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
     def load(self) -> dict[str, Any] | None:
         self._prepare_dir()
+        self._remove_stale_temps()
         try:
             raw_bytes = self.path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StateError(f"cannot read the state file {self.path}: {exc.strerror}") from None
-        mode = self.path.stat().st_mode & 0o777
-        if mode & 0o077:
-            log.warning("state file %s had mode %o; tightening to 0600", self.path, mode)
-            os.chmod(self.path, 0o600)
         try:
             raw = json.loads(raw_bytes.decode("utf-8"))
             problem = check_loaded(raw)
@@ -54,8 +63,7 @@ class JsonFileStorage:
             problem = f"it is not valid JSON ({type(exc).__name__})"
         if problem:
             copy = corrupt_copy_name(self.path)
-            shutil.copy2(self.path, copy)
-            os.chmod(copy, 0o600)
+            _write_private(copy, raw_bytes)
             if self.recovery == "new-identity":
                 log.warning("state file %s is unusable (%s); kept a copy at %s and starting a new identity "
                             "because DARKMATTER_STATE_RECOVERY=new-identity", self.path, problem, copy)
@@ -64,8 +72,20 @@ class JsonFileStorage:
                 f"The state file {self.path} is unusable: {problem}. It was left in place and a copy was "
                 f"kept at {copy}. Fix or restore the file, or start with a new identity by setting "
                 f"DARKMATTER_STATE_RECOVERY=new-identity (the copy is kept).")
+        # NOTE: only a usable file is touched; a corrupt one stays exactly as it was (§11.4).
+        mode = self.path.stat().st_mode & 0o777
+        if mode & 0o077:
+            log.warning("state file %s had mode %o; tightening to 0600", self.path, mode)
+            os.chmod(self.path, 0o600)
         if is_02(raw):
             self._backup_02 = True
+        try:
+            journal = self.journal_path.read_bytes()
+        except FileNotFoundError:
+            journal = b""
+        if journal:
+            applied = replay(raw, journal)
+            log.info("replayed %d journal record(s) from %s", applied, self.journal_path)
         return raw
 
     def _write(self, data: bytes) -> None:
@@ -73,8 +93,7 @@ class JsonFileStorage:
         if self._backup_02:
             backup = self.path.with_name(self.path.name + ".bak-0.2")
             if not backup.exists():
-                shutil.copy2(self.path, backup)
-                os.chmod(backup, 0o600)
+                _write_private(backup, self.path.read_bytes())
             self._backup_02 = False
         tmp = directory / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -95,12 +114,50 @@ class JsonFileStorage:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        # The snapshot now holds every journal record (its journal_seq says so): start a new journal.
+        if self.journal_path.exists():
+            fd = os.open(self.journal_path, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _append(self, records: bytes) -> None:
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, records)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def append(self, records: bytes) -> None:
+        await asyncio.to_thread(self._append, records)
 
     async def commit(self, data: bytes) -> None:
         await asyncio.to_thread(self._write, data)
 
     def close(self) -> None:
         pass
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a copy of state bytes (it holds the private key): 0600 from the first byte, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 @hookimpl
