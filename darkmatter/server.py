@@ -141,6 +141,7 @@ def build_app(node: Node) -> Any:
         routes.append(mcp.route())
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, ProtocolError: protocol_error, Exception: internal_error})
+    app.router.redirect_slashes = False  # §2.1: routes are exact and nothing redirects
     return MeshGuard(app, node)
 
 

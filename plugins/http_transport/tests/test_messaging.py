@@ -210,3 +210,23 @@ async def test_webhook_get_for_unknown_message_is_404_json(tmp_path):
         async with client(a) as http:
             response = await http.get("/__darkmatter__/webhook/msg-unknown")
         assert response.status_code == 404 and response.json()["code"] == "unknown_message"
+
+
+async def test_a_02_peer_with_a_key_talks_v1_and_its_unsigned_updates_are_recorded_unverified(tmp_path):
+    async with mesh(tmp_path, 2) as (a, b):
+        legacy = RawPeer(agent_id="3d6f7c2e-5b1a-4f8e-9c0d-7a2b6e4f1c33")
+        body = legacy.connection_request(sign=False)  # 0.2: key presented, no timestamp or v2 signature
+        body.pop("protocol_version")
+        assert (await legacy.post(b, "/__darkmatter__/connection_request", body)).json()["auto_accepted"] is True
+        v1_only = legacy.message(b, "from the past", v2=False)
+        response = await legacy.post(b, "/__darkmatter__/message", v1_only)
+        assert response.status_code == 200, response.text
+        assert b.state["inbox"][-1]["verified"] is True and b.state["inbox"][-1]["signature_version"] == 1
+        # a 0.2 forwarder reports a forward without signing it
+        mid = (await actions.send_message(a, "q", b.agent_id))["message_id"]
+        update = {"type": "forwarded", "agent_id": legacy.agent_id, "target_agent_id": "someone", "note": None}
+        reply = await legacy.post(a, f"/__darkmatter__/webhook/{mid}", update)
+        assert reply.json() == {"success": True, "recorded": "forwarded", "verified": False, "status": "active"}
+        again = await legacy.post(a, f"/__darkmatter__/webhook/{mid}", update)
+        assert again.json()["duplicate"] is True
+        assert len(a.state["sent_messages"][mid]["updates"]) == 1
