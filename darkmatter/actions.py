@@ -204,9 +204,12 @@ async def disconnect(node: Node, agent_id: str) -> dict:
 
 
 def _delivery_record(entry: dict, state: str) -> dict:
-    return {"state": state, "attempts": entry.get("attempts", 0), "last_status": entry.get("last_status"),
-            "last_error": entry.get("last_error"), "transport": entry.get("transport", "http"),
-            "updated_at": now_iso()}
+    record = {"state": state, "attempts": entry.get("attempts", 0), "last_status": entry.get("last_status"),
+              "last_error": entry.get("last_error"), "transport": entry.get("transport", "http"),
+              "updated_at": now_iso()}
+    if "acknowledged" in entry:
+        record["acknowledged"] = entry["acknowledged"]
+    return record
 
 
 async def send_message(node: Node, content: str, target_agent_id: str | None = None,

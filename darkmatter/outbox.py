@@ -144,6 +144,8 @@ class Outbox:
             entry["last_status"] = reply.status
             entry["last_error"] = None if reply.ok else reply.describe()
             entry["transport"] = reply.transport
+            if "acknowledged" in reply.extra:  # §9.3: fire-and-forget frames to 0.2 peers
+                entry["acknowledged"] = reply.extra["acknowledged"]
             kind = reply.classification
             if kind == "transient":
                 delay = min(60.0, 2.0 ** (entry["attempts"] - 1)) * random.uniform(0.8, 1.2)
