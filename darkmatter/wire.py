@@ -335,6 +335,8 @@ def is_loopback_host(host: str) -> bool:
     """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets and port)."""
     import ipaddress
 
+    if not valid_host_header(host) and not valid_host_header(f"[{host}]"):
+        return False
     name = host
     if name.startswith("["):
         name = name[1:].split("]", 1)[0]
