@@ -28,6 +28,7 @@ BUILTINS = (
     "darkmatter.builtin.policy",
     "darkmatter.builtin.json_storage",
     "darkmatter.builtin.core_tools",
+    "darkmatter.builtin.identity_tools",
 )
 
 
@@ -79,6 +80,9 @@ def build_plugin_manager(
     available = installed_plugins() if entrypoints else {}
     wanted = _parse_selection(selection)
     disabled = {d.strip() for d in disable if d and d.strip()}
+    essential = {m.rsplit(".", 1)[1] for m in BUILTINS}
+    for name in sorted(disabled & essential):
+        raise PluginError(f"{name!r} is an essential built-in and cannot be disabled.")
     for name in sorted((set(wanted or []) | disabled) - set(available)):
         known = ", ".join(sorted(available)) or "none"
         raise PluginError(f"Unknown plugin {name!r}. Installed plugins: {known}.")
@@ -90,12 +94,13 @@ def build_plugin_manager(
         ep = available[name]
         try:
             module = ep.load()
+            _register_checked(pm, module, name)
         except Exception as exc:  # noqa: BLE001 - plugin import errors are reported, not raised raw
+            what = "has invalid hooks" if isinstance(exc, pluggy.PluginValidationError) else "failed to import"
             if explicit:
-                raise PluginError(f"Plugin {name!r} failed to import: {type(exc).__name__}: {exc}") from exc
-            log.warning("skipping plugin %r: failed to import: %s: %s", name, type(exc).__name__, exc)
+                raise PluginError(f"Plugin {name!r} {what}: {type(exc).__name__}: {exc}") from exc
+            log.warning("skipping plugin %r: %s: %s: %s", name, what, type(exc).__name__, exc)
             continue
-        pm.register(module, name=name)
         version = ep.dist.version if getattr(ep, "dist", None) is not None else None
         infos.append(PluginInfo(name, version, getattr(module, "__name__", repr(module))))
     for i, plugin in enumerate(extra):
@@ -108,6 +113,17 @@ def build_plugin_manager(
     pm.darkmatter_info = infos  # type: ignore[attr-defined]
     pm.check_pending()
     return pm
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """Register one plugin; a hook implementation without a spec unregisters it again and raises."""
+    try:
+        pm.register(plugin, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        if pm.has_plugin(name):
+            pm.unregister(name=name)
+        raise
 
 
 def plugin_name(pm: pluggy.PluginManager, plugin: object) -> str:

@@ -64,17 +64,29 @@ def apply_ops(state: dict, ops: Iterable[Op]) -> None:
             log.warning("skipping a journal record that does not apply: %r", op[:2])
 
 
+def parse_journal(journal: bytes) -> tuple[list[dict], int]:
+    """The journal's records up to the first bad line, and how many bytes they span.
+
+    A bad line is one torn by a crash mid-append: never acknowledged, since the ack waits for the fsync."""
+    records: list[dict] = []
+    good = 0
+    for line in journal.splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+            break
+        records.append(record)
+        good += len(line)
+    return records, good
+
+
 def replay(state: dict, journal: bytes) -> int:
     """Apply the records of `journal` newer than the snapshot's; return how many were applied."""
     base = state.get(JOURNAL_SEQ_KEY) or 0
     applied = 0
-    for line in journal.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break  # a torn last line: never acknowledged, since the ack waits for the fsync
-        if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
-            break
+    for record in parse_journal(journal)[0]:
         if record["seq"] <= base:
             continue
         apply_ops(state, record.get("ops") or [])

@@ -14,7 +14,7 @@ from typing import Any
 
 from darkmatter import hookimpl
 from darkmatter.state import StateError, check_loaded, corrupt_copy_name, is_02
-from darkmatter.storage import replay
+from darkmatter.storage import parse_journal, replay
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,35 @@ class JsonFileStorage:
         if journal:
             applied = replay(raw, journal)
             log.info("replayed %d journal record(s) from %s", applied, self.journal_path)
+            self._cut_torn_tail(journal)
         return raw
+
+    def _cut_torn_tail(self, journal: bytes) -> None:
+        """Drop what replay() stopped at (a line torn by a crash mid-append, never acknowledged).
+
+        NOTE: without this, the next append would continue the torn line, and replay() stops at the first
+        bad line: every record acknowledged after the restart would be lost at the next load."""
+        good = parse_journal(journal)[1]
+        if good == len(journal) and journal.endswith(b"\n"):
+            return
+        dropped = journal[good:]
+        if b"\n" in dropped.rstrip(b"\n"):
+            # More than one torn line is not a crash mid-append: keep the evidence.
+            copy = corrupt_copy_name(self.journal_path)
+            _write_private(copy, journal)
+            log.warning("journal %s is damaged after %d good byte(s); kept a copy at %s and dropped the rest",
+                        self.journal_path, good, copy)
+        else:
+            log.warning("journal %s ends with %d byte(s) of a torn record (a crash mid-write); dropping them",
+                        self.journal_path, len(dropped))
+        fd = os.open(self.journal_path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, good)
+            if good and not journal[:good].endswith(b"\n"):
+                os.pwrite(fd, b"\n", good)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _write(self, data: bytes) -> None:
         directory = self.path.parent

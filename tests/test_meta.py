@@ -1,0 +1,149 @@
+"""Meta-tests that keep the plugin surface honest (STYLE.md §8): every hook spec is documented in
+docs/plugin-hooks.md with its real signature and exercised by a named test; every installed plugin
+implements only specified hooks, and no decision hook is ``async``."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from darkmatter import hookspecs
+from darkmatter.plugins import build_plugin_manager, installed_plugins
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "plugin-hooks.md"
+EXAMPLE = ROOT / "examples" / "trust_routing_plugin"
+
+# Each hook spec -> the tests that exercise it ("file::test_function"). Add the test when adding a hook.
+HOOK_TESTS: dict[str, list[str]] = {
+    "dm_register_transports": ["tests/test_plugins.py::test_transports_are_ordered_by_priority_and_duplicates_fail"],
+    "dm_register_discovery": [
+        "tests/test_plugins.py::test_discovery_sources_run_when_discovery_is_on_and_feed_the_discovered_table"],
+    "dm_register_storage": ["tests/test_plugins.py::test_storage_plugin_is_used_when_selected_by_DARKMATTER_STORAGE"],
+    "dm_register_tools": ["tests/test_plugins.py::test_registered_tools_are_collected_with_their_plugin",
+                          "tests/test_plugins.py::test_duplicate_tool_name_fails_at_startup_naming_both_plugins"],
+    "dm_register_routes": ["tests/test_plugins.py::test_plugin_route_is_served_on_the_node_port",
+                           "tests/test_plugins.py::test_duplicate_route_fails_at_startup_naming_both_plugins"],
+    "dm_lifespan": ["tests/test_plugins.py::test_lifespan_runs_after_state_load_and_exits_before_the_final_flush"],
+    "dm_on_message_received": ["tests/test_plugins.py::test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated",
+                               "tests/test_nodes.py::test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer"],
+    "dm_on_message_forwarded": ["tests/test_plugins.py::test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated",
+                               "tests/test_nodes.py::test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer"],
+    "dm_on_message_responded": ["tests/test_plugins.py::test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated",
+                               "tests/test_nodes.py::test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer"],
+    "dm_on_response_received": ["tests/test_plugins.py::test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated",
+                               "tests/test_nodes.py::test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer"],
+    "dm_on_message_expired": ["tests/test_plugins.py::test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated",
+                               "tests/test_nodes.py::test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer"],
+    "dm_on_connection_changed": ["tests/test_plugins.py::test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated",
+                               "tests/test_nodes.py::test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer"],
+    "dm_status_lines": ["tests/test_plugins.py::test_status_lines_from_plugins_are_collected"],
+    "dm_trust_connection_request": [
+        "tests/test_plugins.py::test_default_trust_policy_accepts_on_genesis_and_queues_otherwise",
+        "tests/test_example_plugin.py::test_trust_decisions_of_the_entry_point_plugin_take_effect"],
+    "dm_rank_forwarding_candidates": [
+        "tests/test_plugins.py::test_default_forwarding_rank_is_empty_and_a_plugin_ranking_wins",
+        "tests/test_example_plugin.py::test_forwarding_ranking_of_the_entry_point_plugin"],
+}
+
+
+def specs() -> dict[str, inspect.Signature]:
+    found = {}
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if name.startswith("dm_"):
+            assert hasattr(fn, "darkmatter_spec"), f"{name} in hookspecs.py is not marked @hookspec"
+            found[name] = inspect.signature(fn)
+    return found
+
+
+def test_hookspecs_are_found():
+    assert len(specs()) >= 15
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if name.startswith("dm_"):
+            assert (fn.__doc__ or "").strip(), f"{name} has no docstring"
+
+
+def documented() -> dict[str, list[str]]:
+    text = DOCS.read_text()
+    return {m.group(1): [a.strip() for a in m.group(2).split(",") if a.strip()]
+            for m in re.finditer(r"^### `(dm_\w+)\(([^)]*)\)`", text, flags=re.M)}
+
+
+def test_every_hookspec_is_documented_with_its_signature():
+    docs = documented()
+    for name, signature in specs().items():
+        assert name in docs, f"{name} has no section in docs/plugin-hooks.md"
+        assert docs[name] == list(signature.parameters), f"{name}: documented arguments differ from the spec"
+    assert set(docs) <= set(specs()), f"documented hooks that do not exist: {set(docs) - set(specs())}"
+
+
+def test_every_doc_section_has_an_example():
+    text = DOCS.read_text()
+    sections = re.split(r"^### ", text, flags=re.M)[1:]
+    for section in sections:
+        name = section.split("(", 1)[0].strip("`")
+        assert "```python" in section, f"{name}: no example"
+        assert "**Returns:**" in section, f"{name}: return value not described"
+
+
+def _test_functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {node.name for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")}
+
+
+def test_every_hookspec_is_exercised_by_a_named_test():
+    assert set(HOOK_TESTS) == set(specs()), "HOOK_TESTS must list exactly the hook specs"
+    for hook, tests in HOOK_TESTS.items():
+        assert tests, f"{hook}: no test"
+        for ref in tests:
+            rel, _, function = ref.partition("::")
+            path = ROOT / rel
+            assert path.exists(), f"{hook}: {rel} does not exist"
+            assert function in _test_functions(path), f"{hook}: {ref} does not exist"
+            assert hook in path.read_text(), f"{hook}: {rel} never mentions the hook"
+
+
+@pytest.fixture
+def example_plugin(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    import darkmatter_trust_routing
+
+    yield darkmatter_trust_routing
+    sys.modules.pop("darkmatter_trust_routing", None)
+
+
+def test_all_installed_plugins_implement_only_specified_hooks(example_plugin):
+    pm = build_plugin_manager(None, extra=[example_plugin])
+    pm.check_pending()
+    skipped = set(installed_plugins()) - {i.name for i in pm.darkmatter_info}
+    assert not skipped, f"installed plugins that failed to load: {skipped}"
+
+
+def test_no_decision_hook_is_implemented_as_async(example_plugin):
+    pm = build_plugin_manager(None, extra=[example_plugin])
+    for name in specs():
+        caller = getattr(pm.hook, name)
+        if not caller.spec.opts.get("firstresult"):
+            continue
+        for impl in caller.get_hookimpls():
+            assert not inspect.iscoroutinefunction(impl.function), \
+                f"{impl.plugin_name} implements the decision hook {name} as async def"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.+?)\n```", readme.split("## Quick start", 1)[1].split("\n## ", 1)[0])
+    assert len(commands) == 2, "the quick start gives one install-and-run and one install-and-test command"
+    assert "darkmatter run" in commands[0]
+    assert "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in ci
+    runs = [line for line in ci.splitlines() if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))]
+    assert runs == [commands[1]]
+    assert (ROOT / ".ci" / "run").stat().st_mode & 0o111

@@ -1,0 +1,578 @@
+"""Plugin selection, registration and the kernel's hook dispatch.
+
+Third-party plugins are installed for real: a ``*.dist-info`` with ``entry_points.txt`` in a temporary
+directory put on ``sys.path`` (in-process) or ``PYTHONPATH`` (subprocess), exactly as pip lays out a
+package in site-packages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from darkmatter import hookimpl
+from darkmatter.config import Config
+from darkmatter.node import Node, StartupError
+from darkmatter.plugins import BUILTINS, PluginError, build_plugin_manager, installed_plugins
+from darkmatter.testing import client, env_for_tests, make_config, node_context
+from darkmatter.tools import Tool
+
+BUILTIN_NAMES = {m.rsplit(".", 1)[1] for m in BUILTINS}
+
+
+def install_dist(site: Path, dist: str, entry_points: dict[str, str], files: dict[str, str],
+                 version: str = "0.1.0") -> None:
+    """Lay out an installed distribution with ``darkmatter`` entry points, as pip would."""
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text("[darkmatter]\n" + lines)
+    for rel, text in files.items():
+        (site / rel).write_text(text)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def loaded(pm) -> set[str]:
+    return {i.name for i in pm.darkmatter_info if not i.builtin}
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "darkmatter", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKMATTER_")}
+    env.update(env_for_tests(home))
+    env.update(extra)
+    return env
+
+
+# --- selection rules ---------------------------------------------------------------------------
+
+
+def test_unset_selection_loads_every_installed_plugin():
+    pm = build_plugin_manager(None)
+    assert loaded(pm) == set(installed_plugins())
+    assert {i.name for i in pm.darkmatter_info if i.builtin} == BUILTIN_NAMES
+    for module in BUILTINS:
+        assert pm.has_plugin(module)
+
+
+def test_empty_selection_loads_only_the_essential_builtins():
+    pm = build_plugin_manager("")
+    assert loaded(pm) == set()
+    for module in BUILTINS:
+        assert pm.has_plugin(module)
+
+
+def test_named_selection_loads_exactly_those():
+    pm = build_plugin_manager(" http_transport , discovery_local ")
+    assert loaded(pm) == {"http_transport", "discovery_local"}
+
+
+def test_unknown_plugin_name_fails_listing_the_installed_ones():
+    with pytest.raises(PluginError) as err:
+        build_plugin_manager("http_transport,no_such_plugin")
+    message = str(err.value)
+    assert "'no_such_plugin'" in message
+    for name in installed_plugins():
+        assert name in message
+
+
+def test_disable_drops_a_plugin_from_any_selection():
+    pm = build_plugin_manager(None, ["discovery_lan"])
+    assert loaded(pm) == set(installed_plugins()) - {"discovery_lan"}
+    pm = build_plugin_manager("http_transport,discovery_lan", ["discovery_lan"])
+    assert loaded(pm) == {"http_transport"}
+
+
+def test_disable_of_an_unknown_or_essential_name_fails():
+    with pytest.raises(PluginError, match="Unknown plugin 'nope'"):
+        build_plugin_manager(None, ["nope"])
+    with pytest.raises(PluginError, match="essential built-in"):
+        build_plugin_manager(None, ["json_storage"])
+
+
+def test_selection_comes_from_the_environment_and_flags_override_it(tmp_path):
+    env = env_for_tests(tmp_path, DARKMATTER_PLUGINS="http_transport,discovery_local",
+                        DARKMATTER_DISABLE_PLUGINS="discovery_local")
+    assert loaded(Node(Config.from_env(env)).pm) == {"http_transport"}
+    # --plugins "" wins over DARKMATTER_PLUGINS; --disable adds to DARKMATTER_DISABLE_PLUGINS.
+    assert loaded(Node(Config.from_env(env, plugins="")).pm) == set()
+    cfg = Config.from_env(env, plugins="http_transport,discovery_local,discovery_lan", disable=("discovery_lan",))
+    assert loaded(Node(cfg).pm) == {"http_transport"}
+
+
+def test_explicitly_requested_plugin_that_fails_to_import_is_an_error(tmp_path, monkeypatch):
+    module = unique("dm_broken")
+    install_dist(tmp_path, "dm-broken", {"broken": module},
+                 {f"{module}.py": "raise ImportError('needs libfoo, which is not installed')\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "broken" in installed_plugins()
+    with pytest.raises(PluginError, match=r"'broken' failed to import: ImportError: needs libfoo"):
+        build_plugin_manager("http_transport,broken")
+
+
+def test_autoloaded_plugin_that_fails_to_import_is_logged_and_skipped(tmp_path, monkeypatch, caplog):
+    module = unique("dm_broken")
+    install_dist(tmp_path, "dm-broken", {"broken": module}, {f"{module}.py": "import no_such_module_xyz\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="darkmatter.plugins"):
+        pm = build_plugin_manager(None)
+    assert loaded(pm) == set(installed_plugins()) - {"broken"}
+    assert any("'broken'" in r.getMessage() and "no_such_module_xyz" in r.getMessage() for r in caplog.records)
+
+
+def test_plugin_with_a_misspelled_hook_is_refused_when_requested_and_skipped_when_autoloaded(
+        tmp_path, monkeypatch, caplog):
+    module = unique("dm_typo")
+    source = ("from darkmatter import hookimpl\n\n@hookimpl\n"
+              "def dm_on_mesage_received(node, message):\n    pass\n")
+    install_dist(tmp_path, "dm-typo", {"typo": module}, {f"{module}.py": source})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match="'typo' has invalid hooks.*dm_on_mesage_received"):
+        build_plugin_manager("typo")
+    with caplog.at_level(logging.WARNING, logger="darkmatter.plugins"):
+        pm = build_plugin_manager(None)
+    assert "typo" not in loaded(pm)
+    pm.check_pending()
+    assert any("'typo'" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_reports_plugin_errors_in_one_line(tmp_path):
+    module = unique("dm_broken")
+    site = tmp_path / "site"
+    site.mkdir()
+    install_dist(site, "dm-broken", {"broken": module}, {f"{module}.py": "raise RuntimeError('boom')\n"})
+    env = cli_env(tmp_path, PYTHONPATH=str(site))
+
+    requested = cli("plugins", "--plugins", "broken", env=env)
+    assert requested.returncode == 2
+    assert requested.stderr.strip().splitlines() == [
+        "darkmatter: error: Plugin 'broken' failed to import: RuntimeError: boom"]
+
+    autoloaded = cli("plugins", "--json", env=env)
+    assert autoloaded.returncode == 0, autoloaded.stderr
+    names = {row["name"] for row in json.loads(autoloaded.stdout)}
+    assert "broken" not in names and "http_transport" in names
+    assert "skipping plugin 'broken'" in autoloaded.stderr and "Traceback" not in autoloaded.stderr
+
+    unknown = cli("plugins", "--plugins", "nope", env=env)
+    assert unknown.returncode == 2
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    assert "Unknown plugin 'nope'" in unknown.stderr and "http_transport" in unknown.stderr
+
+
+# --- registration: duplicates fail at start-up -----------------------------------------------------
+
+
+async def _echo(node, arguments, session):
+    return {"echo": arguments}
+
+
+class ToolPlugin:
+    def __init__(self, name: str, *tool_names: str):
+        self.name = name
+        self.tool_names = tool_names
+
+    @hookimpl
+    def dm_register_tools(self, register, node):
+        for tool_name in self.tool_names:
+            register(Tool(tool_name, f"{tool_name} from {self.name}", _echo))
+
+
+class RoutePlugin:
+    def __init__(self, name: str, path: str, methods: list[str]):
+        self.name = name
+        self.path = path
+        self.methods = methods
+
+    @hookimpl
+    def dm_register_routes(self, register, node):
+        async def endpoint(request):
+            return JSONResponse({"plugin": self.name, "agent_id": node.agent_id})
+
+        register(Route(self.path, endpoint, methods=self.methods))
+
+
+def test_registered_tools_are_collected_with_their_plugin(tmp_path):
+    node = Node(make_config(tmp_path, plugins=""), plugins=[ToolPlugin("alpha", "darkmatter_echo_a", "darkmatter_echo_b")])
+    assert {"darkmatter_echo_a", "darkmatter_echo_b"} <= set(node.tools)
+    assert node.tools["darkmatter_echo_a"].plugin == "alpha"
+
+
+def test_duplicate_tool_name_fails_at_startup_naming_both_plugins(tmp_path):
+    with pytest.raises(StartupError) as err:
+        Node(make_config(tmp_path, plugins=""),
+             plugins=[ToolPlugin("alpha", "darkmatter_echo"), ToolPlugin("beta", "darkmatter_other", "darkmatter_echo")])
+    message = str(err.value)
+    assert "'darkmatter_echo'" in message and "'alpha'" in message and "'beta'" in message
+
+
+def test_duplicate_route_fails_at_startup_naming_both_plugins(tmp_path):
+    with pytest.raises(StartupError) as err:
+        Node(make_config(tmp_path, plugins=""),
+             plugins=[RoutePlugin("alpha", "/__darkmatter__/x", ["POST"]),
+                      RoutePlugin("beta", "/__darkmatter__/x", ["POST"])])
+    message = str(err.value)
+    assert "POST /__darkmatter__/x" in message and "'alpha'" in message and "'beta'" in message
+    # The same path with another method is a different route.
+    node = Node(make_config(tmp_path, plugins=""),
+                plugins=[RoutePlugin("alpha", "/__darkmatter__/x", ["POST"]),
+                         RoutePlugin("beta", "/__darkmatter__/x", ["GET"])])
+    assert node.route_owners[("POST", "/__darkmatter__/x")] == "alpha"
+    assert node.route_owners[("GET", "/__darkmatter__/x")] == "beta"
+
+
+def test_duplicate_tool_from_two_installed_plugins_fails_the_cli_in_one_line(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in ("dup_one", "dup_two"):
+        module = unique(name)
+        source = ("from darkmatter import hookimpl\nfrom darkmatter.tools import Tool\n\n"
+                  "async def handler(node, arguments, session):\n    return {}\n\n"
+                  "@hookimpl\ndef dm_register_tools(register, node):\n"
+                  "    register(Tool('darkmatter_clash', 'clash', handler))\n")
+        install_dist(site, f"dm-{name}", {name: module}, {f"{module}.py": source})
+    env = cli_env(tmp_path, PYTHONPATH=str(site))
+    for args in (("plugins", "--plugins", "dup_one,dup_two"),
+                 ("run", "--transport", "http", "--port", "0", "--plugins", "http_transport,dup_one,dup_two")):
+        result = cli(*args, env=env)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("darkmatter: error: ")]
+        assert len(errors) == 1, result.stderr
+        assert "'darkmatter_clash'" in errors[0] and "'dup_one'" in errors[0] and "'dup_two'" in errors[0]
+    assert not (tmp_path / ".darkmatter" / "state" / "0.json").exists()  # refused before any state was written
+
+
+class Named:
+    def __init__(self, name: str, priority: int = 0):
+        self.name = name
+        self.priority = priority
+
+    def can_send(self, connection, size):
+        return True
+
+    async def send(self, connection, path, payload):
+        raise NotImplementedError
+
+
+class TransportPlugin:
+    def __init__(self, name: str, *transports: Named):
+        self.name = name
+        self.transports = transports
+
+    @hookimpl
+    def dm_register_transports(self, register, node):
+        for transport in self.transports:
+            register(transport)
+
+
+def test_transports_are_ordered_by_priority_and_duplicates_fail(tmp_path):
+    slow, fast = Named("pigeon", priority=1), Named("laser", priority=50)
+    node = Node(make_config(tmp_path, plugins=""), plugins=[TransportPlugin("p1", slow), TransportPlugin("p2", fast)])
+    assert [t.name for t in node.transports] == ["laser", "pigeon"]
+    with pytest.raises(StartupError) as err:
+        Node(make_config(tmp_path, plugins=""),
+             plugins=[TransportPlugin("p1", Named("laser")), TransportPlugin("p2", Named("laser"))])
+    assert "transport 'laser'" in str(err.value) and "'p1'" in str(err.value) and "'p2'" in str(err.value)
+
+
+# --- hook dispatch on a running node ---------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_plugin_route_is_served_on_the_node_port(tmp_path):
+    async with node_context(tmp_path, plugins="", extra=[RoutePlugin("alpha", "/__darkmatter__/hello", ["GET"])]) as node:
+        async with client(node) as http:
+            reply = await http.get("/__darkmatter__/hello")
+    assert reply.status_code == 200
+    assert reply.json() == {"plugin": "alpha", "agent_id": node.agent_id}
+
+
+class MemoryStorage:
+    name = "memory"
+
+    def __init__(self):
+        self.commits: list[bytes] = []
+        self.closed = False
+
+    def load(self):
+        return json.loads(self.commits[-1]) if self.commits else None
+
+    async def commit(self, data: bytes) -> None:
+        self.commits.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class StoragePlugin:
+    name = "memory_storage"
+
+    def __init__(self):
+        self.storage = MemoryStorage()
+
+    @hookimpl
+    def dm_register_storage(self, register, node):
+        register(self.storage)
+
+
+@pytest.mark.anyio
+async def test_storage_plugin_is_used_when_selected_by_DARKMATTER_STORAGE(tmp_path):
+    plugin = StoragePlugin()
+    async with node_context(tmp_path, plugins="", extra=[plugin], DARKMATTER_STORAGE="memory") as node:
+        node.state["bio"] = "kept in memory"
+        await node.save()
+    assert json.loads(plugin.storage.commits[-1])["bio"] == "kept in memory"
+    assert plugin.storage.closed
+    assert not (tmp_path / "state.json").exists()
+    # The next start loads from the same storage: same identity.
+    async with node_context(tmp_path, plugins="", extra=[plugin], DARKMATTER_STORAGE="memory") as again:
+        assert again.agent_id == node.agent_id and again.state["bio"] == "kept in memory"
+
+
+@pytest.mark.anyio
+async def test_unknown_storage_name_fails_listing_the_known_ones(tmp_path):
+    node = Node(make_config(tmp_path, plugins="", DARKMATTER_STORAGE="sqlite"))
+    with pytest.raises(StartupError, match="Unknown storage 'sqlite'.*json"):
+        await node.start()
+
+
+class Source:
+    name = "fake_source"
+
+    def __init__(self, agent_id: str):
+        self.agent_id = agent_id
+        self.cancelled = False
+
+    async def run(self, found):
+        found({"agent_id": self.agent_id, "url": "http://127.0.0.1:9", "source": "local"})
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+    async def scan(self):
+        return []
+
+
+class DiscoveryPlugin:
+    name = "fake_discovery"
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    @hookimpl
+    def dm_register_discovery(self, register, node):
+        register(self.source)
+
+
+@pytest.mark.anyio
+async def test_discovery_sources_run_when_discovery_is_on_and_feed_the_discovered_table(tmp_path):
+    peer = "ab" * 32
+    source = Source(peer)
+    async with node_context(tmp_path / "on", plugins="", extra=[DiscoveryPlugin(source)],
+                            DARKMATTER_DISCOVERY="true") as node:
+        assert node.discovery_sources == [source]
+        for _ in range(200):
+            if peer in node.discovered:
+                break
+            await asyncio.sleep(0.01)
+        assert node.discovered[peer]["url"] == "http://127.0.0.1:9"
+    assert source.cancelled  # cancelled at shutdown
+
+    idle = Source(peer)
+    async with node_context(tmp_path / "off", plugins="", extra=[DiscoveryPlugin(idle)]) as node:
+        await asyncio.sleep(0.05)
+        assert node.discovered == {}
+
+
+class LifespanPlugin:
+    name = "lifespan_probe"
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    @hookimpl
+    def dm_lifespan(self, node):
+        @contextlib.asynccontextmanager
+        async def lifespan():
+            self.events.append(("enter", node.agent_id, node.started))
+            yield
+            self.events.append(("exit",))
+            node.state["bio"] = "written at shutdown"
+            node.save_soon()
+
+        return lifespan()
+
+
+class NoLifespan:
+    name = "no_lifespan"
+
+    @hookimpl
+    def dm_lifespan(self, node):
+        return None
+
+
+@pytest.mark.anyio
+async def test_lifespan_runs_after_state_load_and_exits_before_the_final_flush(tmp_path):
+    probe = LifespanPlugin()
+    async with node_context(tmp_path, plugins="", extra=[probe, NoLifespan()]) as node:
+        assert probe.events == [("enter", node.agent_id, False)]
+    assert probe.events[-1] == ("exit",)
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert saved["bio"] == "written at shutdown"
+
+
+EVENTS = {
+    "dm_on_message_received": {"message": {"message_id": "msg-000000000001", "content": "hi"}},
+    "dm_on_message_forwarded": {"message": {"message_id": "msg-000000000001"}, "target_agent_id": "cd" * 32},
+    "dm_on_message_responded": {"message_id": "msg-000000000001", "response": "ok", "delivery": "delivered"},
+    "dm_on_response_received": {"sent_message": {"message_id": "msg-000000000002"}, "response": {"response": "ok"}},
+    "dm_on_message_expired": {"message_id": "msg-000000000003", "reason": "hops"},
+    "dm_on_connection_changed": {"agent_id": "ef" * 32, "event": "connected"},
+}
+
+
+class EventProbe:
+    """Implements every event hook; returns an awaitable (recorded when awaited) or raises."""
+
+    def __init__(self, name: str, fail: bool):
+        self.name = name
+        self.fail = fail
+        self.seen: list[tuple[str, dict]] = []
+
+    def _hit(self, hook_name: str, **kwargs):
+        if self.fail:
+            raise RuntimeError("plugin bug")
+
+        async def record():
+            await asyncio.sleep(0)
+            self.seen.append((hook_name, kwargs))
+
+        return record()
+
+    @hookimpl
+    def dm_on_message_received(self, node, message):
+        return self._hit("dm_on_message_received", node=node, message=message)
+
+    @hookimpl
+    def dm_on_message_forwarded(self, node, message, target_agent_id):
+        return self._hit("dm_on_message_forwarded", node=node, message=message, target_agent_id=target_agent_id)
+
+    @hookimpl
+    def dm_on_message_responded(self, node, message_id, response, delivery):
+        return self._hit("dm_on_message_responded", node=node, message_id=message_id, response=response,
+                         delivery=delivery)
+
+    @hookimpl
+    def dm_on_response_received(self, node, sent_message, response):
+        return self._hit("dm_on_response_received", node=node, sent_message=sent_message, response=response)
+
+    @hookimpl
+    def dm_on_message_expired(self, node, message_id, reason):
+        return self._hit("dm_on_message_expired", node=node, message_id=message_id, reason=reason)
+
+    @hookimpl
+    def dm_on_connection_changed(self, node, agent_id, event):
+        return self._hit("dm_on_connection_changed", node=node, agent_id=agent_id, event=event)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hook_name", sorted(EVENTS))
+async def test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated(tmp_path, hook_name, caplog):
+    kwargs = EVENTS[hook_name]
+    # The failing plugin is registered last, so pluggy's order calls it first.
+    good, bad = EventProbe("good_probe", fail=False), EventProbe("bad_probe", fail=True)
+    changes: list[int] = []
+    async with node_context(tmp_path, plugins="", extra=[good, bad]) as node:
+        node.listeners.append(lambda: changes.append(1))
+        with caplog.at_level(logging.ERROR, logger="darkmatter.node"):
+            await node.emit(hook_name, **kwargs)
+        assert good.seen == [(hook_name, {"node": node, **kwargs})]
+        assert changes == [1]
+        assert any("bad_probe" in r.getMessage() and hook_name in r.getMessage() for r in caplog.records)
+
+
+class StatusPlugin:
+    name = "status_probe"
+
+    @hookimpl
+    def dm_status_lines(self, node):
+        return [f"ACTION: greet {node.agent_id[:8]}"]
+
+
+class QuietStatus:
+    name = "quiet_status"
+
+    @hookimpl
+    def dm_status_lines(self, node):
+        return None
+
+
+@pytest.mark.anyio
+async def test_status_lines_from_plugins_are_collected(tmp_path):
+    async with node_context(tmp_path, plugins="", extra=[StatusPlugin(), QuietStatus()]) as node:
+        assert f"ACTION: greet {node.agent_id[:8]}" in node.status_lines()
+
+
+REQUEST = {"from_agent_id": "12" * 32, "from_agent_url": "http://127.0.0.1:9", "from_agent_bio": "",
+           "from_agent_display_name": None, "from_agent_public_key_hex": "12" * 32, "protocol_version": "0.3",
+           "signed": True}
+
+
+class Decider:
+    name = "decider"
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    @hookimpl
+    def dm_trust_connection_request(self, node, request):
+        return self.answer
+
+    @hookimpl
+    def dm_rank_forwarding_candidates(self, node, message, candidates):
+        return None if self.answer is None else [c["agent_id"] for c in reversed(candidates)]
+
+
+@pytest.mark.anyio
+async def test_default_trust_policy_accepts_on_genesis_and_queues_otherwise(tmp_path):
+    async with node_context(tmp_path / "g", plugins="") as genesis:
+        assert genesis.pm.hook.dm_trust_connection_request(node=genesis, request=REQUEST) == "accept"
+    async with node_context(tmp_path / "n", plugins="", DARKMATTER_GENESIS="false") as plain:
+        assert plain.pm.hook.dm_trust_connection_request(node=plain, request=REQUEST) == "queue"
+    async with node_context(tmp_path / "d", plugins="", extra=[Decider(None)], DARKMATTER_GENESIS="false") as deferring:
+        assert deferring.pm.hook.dm_trust_connection_request(node=deferring, request=REQUEST) == "queue"
+    async with node_context(tmp_path / "r", plugins="", extra=[Decider("reject")]) as strict:
+        assert strict.pm.hook.dm_trust_connection_request(node=strict, request=REQUEST) == "reject"
+
+
+@pytest.mark.anyio
+async def test_default_forwarding_rank_is_empty_and_a_plugin_ranking_wins(tmp_path):
+    candidates = [{"agent_id": "aa" * 32}, {"agent_id": "bb" * 32}]
+    message = {"message_id": "msg-000000000001", "content": "hello"}
+    async with node_context(tmp_path / "a", plugins="") as node:
+        assert node.pm.hook.dm_rank_forwarding_candidates(node=node, message=message, candidates=candidates) == []
+    async with node_context(tmp_path / "b", plugins="", extra=[Decider("accept")]) as node:
+        ranked = node.pm.hook.dm_rank_forwarding_candidates(node=node, message=message, candidates=candidates)
+        assert ranked == ["bb" * 32, "aa" * 32]
