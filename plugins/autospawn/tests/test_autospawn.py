@@ -230,8 +230,9 @@ async def test_concurrency_cap_queues_the_rest_and_drains_them(tmp_path):
         for r in seen:  # the stand-ins alive when this one started, itself included
             alive = [o for o in seen if o["started"] <= r["started"] < o["finished"]]
             assert len(alive) <= 2
-        # order kept; sleeping agents answer nothing, so every message is still in the inbox
-        assert [h["message_id"] for h in spawner.history] == ids
+        # every message got its agent (history is in completion order, which concurrency may swap);
+        # sleeping agents answer nothing, so every message is still in the inbox
+        assert sorted(h["message_id"] for h in spawner.history) == sorted(ids)
         assert len(b.state["inbox"]) == 5 and not spawner.waiting()
 
 
