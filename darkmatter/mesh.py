@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from darkmatter import PROTOCOL_VERSION
 from darkmatter.identity import peer_update_string, v1_string, v2_message, v2_string, v2_webhook_update, verify
@@ -19,7 +19,7 @@ from darkmatter.node import MAX_CONNECTIONS
 from darkmatter.wire import (MAX_BIO, MAX_NAME, MAX_NOTE, ProtocolError, age_seconds, bad, check_content,
                              check_hex, check_id, check_message_id, check_metadata, check_url, forbidden,
                              get_int, get_str, h, host_of, is_fresh, is_loopback_host, is_self_certifying,
-                             new_request_id, normalize, now_iso, origin_key, require, truncate,
+                             new_request_id, normalize, now_iso, origin_key, parse_ts, require, truncate,
                              valid_host_header, webhook_problem)
 
 if TYPE_CHECKING:
@@ -75,6 +75,22 @@ def mark_03(conn: dict) -> None:
 def inactive_check(node: Node) -> None:
     if not node.is_active:
         raise ProtocolError(503, "inactive", "Agent is currently inactive")
+
+
+def save_failed() -> ProtocolError:
+    return ProtocolError(503, "unavailable", "This node cannot save its state right now (is its disk full or "
+                                             "read-only?); nothing was recorded. Try again later.")
+
+
+async def persist(node: Node, undo: Callable[[], None], ops: list | None = None) -> None:
+    """Make a change durable before it is acknowledged (§11.2). When the state cannot be written (disk full,
+    read-only), undo the change and answer 503: a retry is then handled afresh, never as a duplicate of
+    something that only ever existed in memory."""
+    try:
+        await (node.save(ops) if ops is not None else node.save())
+    except OSError:
+        undo()
+        raise save_failed() from None
 
 
 def check_peer_url(value: Any, field_name: str) -> str:
@@ -202,19 +218,26 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
     if existing is not None:
         if stored and presented != stored:
             raise forbidden("Public key mismatch", "key_mismatch")
+        before = {k: existing.get(k) for k in ("agent_url", "self_url", "known_03", "protocol_version",
+                                               "health_failures")}
         if signed and stored and not node.is_own_url(from_url) and origin_key(from_url) != origin_key(existing["agent_url"]):
             from darkmatter import healing
 
             if await healing.verify_url(node, from_id, from_url):
                 existing["agent_url"] = from_url
+                node.outbox.kick()
         if node.is_own_url(agent_url):
             existing["self_url"] = agent_url
-        if signed or version_at_least(version):
+        # NOTE: only the stored key's own signature says this peer speaks 0.3 (§3.3). An unsigned request,
+        # or one signed with a key presented to a keyless connection, could otherwise switch on downgrade
+        # protection and get a real 0.2 peer's messages and webhook updates refused.
+        if signed and stored:
             mark_03(existing)
             if version:
                 existing["protocol_version"] = version
         existing["health_failures"] = 0
-        await node.save()
+
+        await persist(node, lambda: existing.update(before))
         return {**accept_body(node, from_id, agent_url), "message": "Already connected."}
 
     request = {"from_agent_id": from_id, "from_agent_url": from_url, "from_agent_bio": truncate(bio, MAX_BIO),
@@ -229,9 +252,14 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
         if signed:
             mark_03(conn)
         node.connections[from_id] = conn
-        node.state["pending_requests"] = {k: v for k, v in node.state["pending_requests"].items()
+        old_pending = node.state["pending_requests"]
+        node.state["pending_requests"] = {k: v for k, v in old_pending.items()
                                           if v.get("from_agent_id") != from_id}
-        await node.save()
+
+        def undo_accept() -> None:
+            node.connections.pop(from_id, None)
+            node.state["pending_requests"] = old_pending
+        await persist(node, undo_accept)
         await node.emit("dm_on_connection_changed", agent_id=from_id, event="connected")
         return accept_body(node, from_id, agent_url)
 
@@ -240,9 +268,10 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
     for request_id, entry in pending.items():
         if entry.get("from_agent_id") == from_id:
             if signed and presented and presented == entry.get("from_agent_public_key_hex"):
+                old_entry = dict(entry)
                 entry.update(from_agent_url=from_url, from_agent_bio=request["from_agent_bio"],
                              from_agent_display_name=request["from_agent_display_name"])
-                await node.save()
+                await persist(node, lambda: entry.update(old_entry))
             return {"auto_accepted": False, "request_id": request_id,
                     "message": "Connection request queued. Awaiting agent decision."}
     if len(pending) >= MAX_PENDING_IN:
@@ -251,7 +280,7 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
     pending[request_id] = {**request, "request_id": request_id, "request_host": caller.host,
                            "request_scheme": caller.headers.get("x-forwarded-proto") or caller.scheme,
                            "requested_at": now_iso()}
-    await node.save()
+    await persist(node, lambda: pending.pop(request_id, None))
     await node.emit("dm_on_connection_changed", agent_id=from_id, event="requested")
     return {"auto_accepted": False, "request_id": request_id,
             "message": "Connection request queued. Awaiting agent decision."}
@@ -311,8 +340,10 @@ async def connection_accepted(node: Node, body: dict, caller: Caller) -> dict:
     if existing is not None:
         if existing.get("agent_public_key_hex") and existing["agent_public_key_hex"] != presented:
             raise forbidden("Public key mismatch", "key_mismatch")
-        node.state["pending_outbound"].remove(pending)
-        await node.save()
+        outbound = node.state["pending_outbound"]
+        index = outbound.index(pending)
+        outbound.remove(pending)
+        await persist(node, lambda: outbound.insert(index, pending))
         return {"success": True}
     if len(node.connections) >= MAX_CONNECTIONS:
         raise ProtocolError(429, "capacity", "Connection limit reached")
@@ -321,8 +352,14 @@ async def connection_accepted(node: Node, body: dict, caller: Caller) -> dict:
     if signature is not None:
         mark_03(conn)
     node.connections[agent_id] = conn
-    node.state["pending_outbound"].remove(pending)
-    await node.save()
+    outbound = node.state["pending_outbound"]
+    index = outbound.index(pending)
+    outbound.remove(pending)
+
+    def undo_accepted() -> None:
+        node.connections.pop(agent_id, None)
+        outbound.insert(index, pending)
+    await persist(node, undo_accepted)
     await node.emit("dm_on_connection_changed", agent_id=agent_id, event="connected")
     return {"success": True}
 
@@ -418,21 +455,60 @@ def verify_message(node: Node, body: dict, conn: dict) -> tuple[bool, int | None
     return True, 1
 
 
+class InboxIndex:
+    """The inbox's message ids and per-sender counts, so that accepting a message costs O(1) however full
+    the inbox is (a linear scan per message made throughput fall with the inbox's size).
+
+    Only :func:`message` appends to the inbox, and it keeps the index current; anything else (respond,
+    forward, a plugin) may only remove entries, which changes the list's length. So the index is valid
+    while the inbox is the same list object with the length, first and last entry it had when the index
+    was last brought up to date; otherwise it is rebuilt (one scan, after an agent removed something)."""
+
+    __slots__ = ("key", "ids", "senders")
+
+    def __init__(self, inbox: list):
+        self.ids: set = set()
+        self.senders: dict = {}
+        for m in inbox:
+            self.add(m)
+        self.key = self.fingerprint(inbox)
+
+    @staticmethod
+    def fingerprint(inbox: list) -> tuple:
+        return (id(inbox), len(inbox), id(inbox[0]) if inbox else 0, id(inbox[-1]) if inbox else 0)
+
+    def add(self, entry: dict) -> None:
+        self.ids.add(entry.get("message_id"))
+        sender = entry.get("from_agent_id")
+        self.senders[sender] = self.senders.get(sender, 0) + 1
+
+
+def inbox_index(node: Node) -> InboxIndex:
+    inbox = node.state["inbox"]
+    index = getattr(node, "_inbox_index", None)
+    if index is None or index.key != InboxIndex.fingerprint(inbox):
+        index = node._inbox_index = InboxIndex(inbox)  # type: ignore[attr-defined]
+    return index
+
+
 def seen(node: Node, message_id: str) -> bool:
     if message_id in node.state["seen_message_ids"]:
         return True
-    return any(m.get("message_id") == message_id for m in node.state["inbox"])
+    return message_id in inbox_index(node).ids
 
 
 def remember(node: Node, message_id: str) -> None:
     ids = node.state["seen_message_ids"]
     now = time.time()
     ids[message_id] = int(now)
-    if len(ids) > SEEN_MAX or len(ids) % 500 == 0:
+    # Prune every 500 new ids, also above SEEN_MAX: pruning on every message once over the cap scanned all
+    # 10 000 ids per message whenever none was old enough to go (a sustained burst).
+    if len(ids) % 500 == 0 or (len(ids) > SEEN_MAX and len(ids) >= getattr(node, "_seen_prune_at", 0)):
         for mid, stamp in list(ids.items()):
             age = now - stamp
             if age > SEEN_MAX_AGE or (len(ids) > SEEN_MAX and age > SEEN_MIN_AGE):
                 del ids[mid]
+        node._seen_prune_at = len(ids) + 500  # type: ignore[attr-defined]
 
 
 async def message(node: Node, body: dict, caller: Caller) -> dict:
@@ -465,27 +541,38 @@ async def message(node: Node, body: dict, caller: Caller) -> dict:
     inbox = node.state["inbox"]
     if len(inbox) >= node.config.inbox_max:
         raise ProtocolError(429, "capacity", "Message queue full")
-    from_sender = sum(1 for m in inbox if m.get("from_agent_id") == sender)
-    if from_sender >= max(1, node.config.inbox_max // 2):
+    index = inbox_index(node)
+    if index.senders.get(sender, 0) >= max(1, node.config.inbox_max // 2):
         raise ProtocolError(429, "capacity", "Message queue full for this sender")
     entry = {"message_id": message_id, "content": body["content"], "webhook": body["webhook"],
              "hops_remaining": min(hops, HOPS_CAP), "from_agent_id": sender, "metadata": metadata,
              "received_at": now_iso(), "verified": verified, "signature_version": sig_version,
              "forwarded_to": [], "transport": caller.transport}
+    counters = (node.state.get("messages_handled", 0), {k: conn.get(k) for k in (
+        "messages_received", "last_activity", "health_failures")})
     inbox.append(entry)
+    index.add(entry)
+    index.key = InboxIndex.fingerprint(inbox)
     remember(node, message_id)
     node.state["messages_handled"] = node.state.get("messages_handled", 0) + 1
     conn["messages_received"] = conn.get("messages_received", 0) + 1
     conn["last_activity"] = now_iso()
     if verified:
         conn["health_failures"] = 0
+
+    def undo() -> None:  # the inbox index notices the removal and rebuilds itself
+        if entry in inbox:
+            inbox.remove(entry)
+        node.state["seen_message_ids"].pop(message_id, None)
+        node.state["messages_handled"] = counters[0]
+        conn.update(counters[1])
     path = ["connections", sender]
-    await node.save([("append", ["inbox"], entry),
-                     ("set", ["seen_message_ids", message_id], node.state["seen_message_ids"][message_id]),
-                     ("set", ["messages_handled"], node.state["messages_handled"]),
-                     ("set", [*path, "messages_received"], conn["messages_received"]),
-                     ("set", [*path, "last_activity"], conn["last_activity"]),
-                     ("set", [*path, "health_failures"], conn.get("health_failures", 0))])
+    await persist(node, undo, [("append", ["inbox"], entry),
+                              ("set", ["seen_message_ids", message_id], node.state["seen_message_ids"][message_id]),
+                              ("set", ["messages_handled"], node.state["messages_handled"]),
+                              ("set", [*path, "messages_received"], conn["messages_received"]),
+                              ("set", [*path, "last_activity"], conn["last_activity"]),
+                              ("set", [*path, "health_failures"], conn.get("health_failures", 0))])
     await node.emit("dm_on_message_received", message=entry)
     return {"success": True, "queued": True, "queue_position": len(inbox)}
 
@@ -559,7 +646,15 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
         conn = node.connections.get(agent_id)
         if conn is not None and verified:
             conn["health_failures"] = 0
-        await node.save()
+
+        def undo_response() -> None:
+            if record in sent["responses"]:
+                sent["responses"].remove(record)
+            live_now = [r for r in sent["responses"] if not r.get("after_expiry")]
+            sent["response"] = next((r for r in live_now if r.get("verified")), None) or (
+                live_now[0] if live_now else None)
+            sent["status"] = status
+        await persist(node, undo_response)
         await node.emit("dm_on_response_received", sent_message=sent, response=record)
     else:
         for u in sent["updates"]:
@@ -574,7 +669,7 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
         if update_type == "forwarded":
             record["target_agent_id"] = target
         sent["updates"].append(record)
-        await node.save()
+        await persist(node, lambda: record in sent["updates"] and sent["updates"].remove(record))
         node.changed()
     return {"success": True, "recorded": update_type, "verified": verified, "status": sent["status"]}
 
@@ -718,10 +813,11 @@ async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
         raise forbidden("Signature required", "signature_required")
     signature = check_hex(signature, "signature", 128)
     get_str(body, "timestamp", max_len=64)
-    last = conn.get("last_peer_update_ts")
-    ts_age = age_seconds(timestamp)
-    last_age = age_seconds(last) if last else None
-    if not is_fresh(timestamp) or (last_age is not None and ts_age is not None and ts_age >= last_age):
+    # NOTE: compare the instants themselves; two ages computed one after the other made an exact replay of
+    # the last accepted update look "later" than itself.
+    last = parse_ts(conn.get("last_peer_update_ts"))
+    sent_at = parse_ts(timestamp)
+    if not is_fresh(timestamp) or (last is not None and sent_at is not None and sent_at <= last):
         raise forbidden("Stale timestamp", "stale_timestamp")
     if not verify(key, peer_update_string(agent_id, body["new_url"], timestamp), signature):
         raise forbidden("Invalid signature", "invalid_signature")
@@ -736,9 +832,11 @@ async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
         raise ProtocolError(422, "unverifiable_url", "The new URL could not be verified")
     if outcome != "ok":
         raise forbidden("The new URL serves another identity", "key_mismatch")
+    before = {k: conn.get(k) for k in ("agent_url", "last_peer_update_ts", "health_failures")}
     conn["agent_url"] = new_url
     conn["last_peer_update_ts"] = timestamp
     conn["health_failures"] = 0
-    await node.save()
+    await persist(node, lambda: conn.update(before))
+    node.outbox.kick()  # deliveries waiting out a backoff meant for the old URL go now
     await node.emit("dm_on_connection_changed", agent_id=agent_id, event="url_changed")
     return {"success": True, "updated": True}

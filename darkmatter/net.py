@@ -60,9 +60,12 @@ def classify(address: str) -> str:
         if any(v4 in n for n in _LOCAL_V4):
             return "local"
         return "global" if v4.is_global else "never"
+    # NOTE: ::1 lies inside ::/8, which ipaddress counts as reserved: test loopback first.
+    if ip.is_loopback:
+        return "local"
     if ip == _EC2_V6 or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
         return "never"
-    if ip.is_loopback or ip in ipaddress.ip_network("fc00::/7"):
+    if ip in ipaddress.ip_network("fc00::/7") or ip.is_site_local:  # fec0::/10: deprecated site-local
         return "local"
     if ip in ipaddress.ip_network("2001:db8::/32"):
         return "never"

@@ -57,9 +57,14 @@ class RateLimiter:
         bucket.tokens -= 1
 
     def _prune(self, now: float) -> None:
+        """Forget buckets that have refilled (that changes nothing); if too many remain, forget the least
+        recently used half of the per-key ones. Node-wide buckets (key "") are never forgotten: clearing
+        them would lift the node-wide limits for anyone who can mint MAX_KEYS keys (claimed agent ids)."""
         for key, bucket in list(self._buckets.items()):
             capacity, refill, per = self.rules[key[0]]
             if bucket.tokens + (now - bucket.stamp) * refill / per >= capacity:
                 del self._buckets[key]
         if len(self._buckets) >= self.MAX_KEYS:
-            self._buckets.clear()
+            keyed = sorted((k for k in self._buckets if k[1]), key=lambda k: self._buckets[k].stamp)
+            for key in keyed[: len(keyed) // 2 + 1]:
+                del self._buckets[key]

@@ -135,12 +135,12 @@ async def start_node(config: Config) -> Node:
 
 
 async def _run_http(config: Config) -> int:
-    try:
-        node = await start_node(config)
-    except StateLocked as exc:
-        raise StartupError(_locked_message(exc)) from None
     stop = asyncio.Event()
-    with _signals(stop):
+    with _signals(stop):  # installed before the port serves: a SIGTERM during start-up still stops cleanly
+        try:
+            node = await start_node(config)
+        except StateLocked as exc:
+            raise StartupError(_locked_message(exc)) from None
         log.info("agent %s serving %s (MCP at %s/mcp)", node.agent_id[:12], node.base_url,
                  f"http://127.0.0.1:{node.port}")
         try:

@@ -19,7 +19,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from darkmatter.wire import MAX_BODY, ProtocolError, is_loopback_host, loads_object
@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MESH_PREFIXES = ("/__darkmatter__", "/.well-known/", "/bootstrap")
+READ_TIMEOUT = 30.0  # §13.3: reading request headers and body (DARKMATTER_HTTP_READ_TIMEOUT)
+
+
+def read_timeout(node: Node) -> float:
+    return node.config.get_float("DARKMATTER_HTTP_READ_TIMEOUT", READ_TIMEOUT, minimum=0.1)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -62,20 +67,29 @@ def error_response(exc: ProtocolError) -> JSONResponse:
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
-    """Read the request body, refusing (413) anything over `limit` without buffering it."""
+    """Read the request body, refusing (413) anything over `limit` without buffering it, and (408) a body
+    that has not fully arrived within the read timeout, however steadily it trickles in (slow loris)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ProtocolError(400, "invalid_field", "Invalid Content-Length")
         if int(declared) > limit:
             raise ProtocolError(413, "too_large", f"Request body exceeds {limit} bytes")
+    app_state = getattr(request.scope.get("app"), "state", None)
+    deadline = getattr(app_state, "read_timeout", READ_TIMEOUT)
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ProtocolError(413, "too_large", f"Request body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise ProtocolError(413, "too_large", f"Request body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ProtocolError(408, "invalid_field", f"Request body not received within {deadline:g} s") from None
+    except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing to log
+        raise ProtocolError(400, "invalid_json", "Request body incomplete: the client disconnected") from None
     return b"".join(chunks)
 
 
@@ -142,6 +156,7 @@ def build_app(node: Node) -> Any:
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, ProtocolError: protocol_error, Exception: internal_error})
     app.router.redirect_slashes = False  # §2.1: routes are exact and nothing redirects
+    app.state.read_timeout = read_timeout(node)
     return MeshGuard(app, node)
 
 
@@ -152,8 +167,10 @@ def _hypercorn_config(node: Node) -> HypercornConfig:
     config.bind = [f"fd://{os.dup(node.socket.fileno())}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.read_timeout = 30
-    config.keep_alive_timeout = 30
+    # NOTE: hypercorn's idle timer (keep_alive_timeout) runs from connection start until a request's headers
+    # are complete, so it also bounds slow headers; read_body bounds the body.
+    config.read_timeout = read_timeout(node)
+    config.keep_alive_timeout = read_timeout(node)
     config.graceful_timeout = 2
     config.h11_max_incomplete_size = 64 * 1024
     config.include_server_header = False

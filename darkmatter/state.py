@@ -207,6 +207,21 @@ def corrupt_copy_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.corrupt-{stamp}")
 
 
+def make_private_dir(directory: Path) -> None:
+    """Create `directory` and any missing parents with mode 0700, whatever the umask (§11.1)."""
+    missing = []
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+
+
 # --- the state lock (§11.1) ------------------------------------------------------------------
 
 
@@ -218,8 +233,12 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            make_private_dir(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(f"Cannot create or open the state lock {self.path}: {exc.strerror}. Check that "
+                             f"the state directory is writable, or set DARKMATTER_STATE_FILE elsewhere.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

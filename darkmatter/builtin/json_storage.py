@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from darkmatter import hookimpl
-from darkmatter.state import StateError, check_loaded, corrupt_copy_name, is_02
+from darkmatter.state import StateError, check_loaded, corrupt_copy_name, is_02, make_private_dir
 from darkmatter.storage import parse_journal, replay
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class JsonFileStorage:
 
     def _prepare_dir(self) -> None:
         directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(directory)
         mode = directory.stat().st_mode & 0o777
         if mode & 0o077 and directory.name == "state" and directory.parent.name == ".darkmatter":
             log.warning("state directory %s had mode %o; tightening to 0700", directory, mode)
@@ -151,10 +152,24 @@ class JsonFileStorage:
                 os.close(fd)
 
     def _append(self, records: bytes) -> None:
+        """Append every byte or none: a short write (disk full) is rolled back before the error rises,
+        so a record is never acknowledged half-written and later appends never continue a torn line."""
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, records)
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(records)
+                while view:
+                    written = os.write(fd, view)
+                    if written <= 0:
+                        raise OSError(errno.ENOSPC, "no space left for the state journal")
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                    os.fsync(fd)
+                raise
         finally:
             os.close(fd)
 

@@ -28,6 +28,8 @@ def build_routes(node) -> list[Route]:
                 return JSONResponse(await handler(node, body, caller_of(request)))
             except ProtocolError as exc:
                 return error_response(exc)
+            except OSError:  # the state could not be saved (disk full, read-only): a clear 503, not a trace
+                return error_response(mesh.save_failed())
         return endpoint
 
     def get(handler: Callable[..., Awaitable[dict]], param: str | None = None):
@@ -46,6 +48,8 @@ def build_routes(node) -> list[Route]:
                                                         caller_of(request)))
         except ProtocolError as exc:
             return error_response(exc)
+        except OSError:
+            return error_response(mesh.save_failed())
 
     async def well_known(request: Request) -> JSONResponse:
         caller = caller_of(request)
