@@ -25,7 +25,7 @@ from darkmatter.config import Config
 from darkmatter.identity import Identity, v2_string
 from darkmatter.net import Net
 from darkmatter.plugins import active_plugins, build_plugin_manager, plugin_name
-from darkmatter.ratelimit import RateLimiter
+from darkmatter.ratelimit import RateLimiter, overrides_from_env
 from darkmatter.state import (GENERIC_BIO, StateError, StateLock, apply_overrides, migrate, new_state)
 from darkmatter.storage import Persister, Storage
 from darkmatter.tools import Tool
@@ -55,7 +55,7 @@ class Node:
         self.discovery_sources: list = []
         self.storages: dict[str, Storage] = {}
         self.discovered: dict[str, dict] = {}
-        self.rate = RateLimiter(config.rate_limits)
+        self.rate = RateLimiter(config.rate_limits, overrides_from_env(config.env))
         self.net: Net | None = None
         self.persister: Persister | None = None
         self.port: int = config.port

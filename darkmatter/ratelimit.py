@@ -21,6 +21,29 @@ DEFAULTS: dict[str, tuple[float, float, float]] = {
 }
 
 
+def overrides_from_env(env) -> dict[str, tuple[float, float, float]]:
+    """Per-row settings: ``DARKMATTER_RATE_<ROW>=<capacity>/<refill>/<seconds>``, e.g.
+    ``DARKMATTER_RATE_MESSAGE_PEER=30/1/2`` (the defaults are in ``DEFAULTS``)."""
+    from darkmatter.config import ConfigError
+
+    rules: dict[str, tuple[float, float, float]] = {}
+    for name in DEFAULTS:
+        variable = "DARKMATTER_RATE_" + name.upper()
+        raw = (env.get(variable) or "").strip()
+        if not raw:
+            continue
+        parts = raw.split("/")
+        try:
+            capacity, refill, per = (float(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"{variable}={raw!r} must be capacity/refill/seconds, e.g. "
+                              f"{'/'.join(str(int(v)) for v in DEFAULTS[name])}") from None
+        if not (capacity >= 1 and refill > 0 and per > 0) or float("inf") in (capacity, refill, per):
+            raise ConfigError(f"{variable}={raw!r}: capacity must be at least 1, refill and seconds above 0")
+        rules[name] = (capacity, refill, per)
+    return rules
+
+
 @dataclass
 class _Bucket:
     tokens: float

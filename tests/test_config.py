@@ -167,3 +167,16 @@ def test_a_bad_flag_value_is_a_usage_error_without_traceback(tmp_path):
     result = _run_cli(tmp_path, "run", "--transport", "carrier-pigeon")
     assert result.returncode == 2
     assert "Invalid value for '--transport'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_rate_limit_row_is_configurable_and_bad_values_are_readable(tmp_path):
+    from darkmatter.config import ConfigError
+    from darkmatter.testing import make_node
+
+    node = make_node(tmp_path / "a", DARKMATTER_RATE_MESSAGE_PEER="5/1/10")
+    assert node.rate.rules["message_peer"] == (5.0, 1.0, 10.0)
+    assert node.rate.rules["message_node"] == (200, 200, 60)
+    with pytest.raises(ConfigError, match="DARKMATTER_RATE_WEBHOOK_IP='abc' must be capacity/refill/seconds"):
+        make_node(tmp_path / "b", DARKMATTER_RATE_WEBHOOK_IP="abc")
+    with pytest.raises(ConfigError, match="capacity must be at least 1"):
+        make_node(tmp_path / "c", DARKMATTER_RATE_GET_IP="0/1/1")

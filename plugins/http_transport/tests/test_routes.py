@@ -76,3 +76,13 @@ async def test_impressions_are_shared_only_with_signed_requests_from_connections
         async with client(a) as http:
             unsigned = await http.get("/__darkmatter__/impression/someone")
         assert unsigned.status_code == 403 and unsigned.json()["code"] == "signature_required"
+
+
+async def test_per_peer_message_rate_limit_answers_429_with_retry_after(tmp_path):
+    async with node_context(tmp_path, DARKMATTER_RATE_MESSAGE_PEER="2/1/60") as node:
+        peer = RawPeer()
+        await peer.connect(node)
+        statuses = [(await peer.post(node, "/__darkmatter__/message", peer.message(node, f"m{i}"))) for i in range(3)]
+        assert [r.status_code for r in statuses] == [200, 200, 429]
+        assert statuses[2].json()["code"] == "rate_limited" and int(statuses[2].headers["Retry-After"]) >= 1
+        assert len(node.state["inbox"]) == 2
