@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import pluggy
 
-from darkmatter import PROTOCOL_VERSION, __version__
+from darkmatter import PROTOCOL_VERSION
 from darkmatter.config import Config
 from darkmatter.identity import Identity, v2_string
 from darkmatter.net import Net

@@ -12,7 +12,6 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from types import ModuleType
 from typing import Iterable
 
 import pluggy
@@ -134,6 +133,3 @@ def plugin_name(pm: pluggy.PluginManager, plugin: object) -> str:
 def active_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
     return [i for i in pm.darkmatter_info if not i.builtin]  # type: ignore[attr-defined]
 
-
-def load_module(name: str) -> ModuleType:
-    return importlib.import_module(name)

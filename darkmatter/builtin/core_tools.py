@@ -6,7 +6,7 @@ import dataclasses
 
 from darkmatter import actions, hookimpl
 from darkmatter.healing import fetch_well_known
-from darkmatter.mesh import hops_remaining, webhook_status
+from darkmatter.mesh import hops_remaining
 from darkmatter.tools import Tool, ToolError, boolean, integer, obj, string
 from darkmatter.wire import MAX_CONTENT_BYTES, MAX_IMPRESSION, MAX_NOTE, ProtocolError, check_url, normalize
 
