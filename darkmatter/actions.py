@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_OUT = 50
 SEND_WAIT = 15.0
+BROADCAST_GRACE = 0.5  # a broadcast's wait for stragglers after the latest first attempt came back
 
 
 def _normalize_or_error(url: str) -> str:
@@ -247,11 +248,30 @@ async def send_message(node: Node, content: str, target_agent_id: str | None = N
 
     evict_sent(node.state)
     await node.save()
-    await asyncio.gather(*(node.outbox.wait_first_attempt(e, SEND_WAIT) for e in entries))
+    await _first_attempts(node, entries, broadcast=target_agent_id is None)
     deliveries = sent["deliveries"]
     ok = any(d["state"] in ("delivered", "queued") for d in deliveries.values())
     return {"success": ok, "message_id": message_id, "webhook": webhook, "broadcast": target_agent_id is None,
             "deliveries": deliveries, "routed_to": list(sent["routed_to"])}
+
+
+async def _first_attempts(node: Node, entries: list[dict], *, broadcast: bool) -> None:
+    """Wait for the entries' first delivery attempts (each at most SEND_WAIT).
+
+    A broadcast stops waiting BROADCAST_GRACE after the latest attempt came back: one hung peer (its attempt
+    ends only at the 15 s request timeout) must not hold the call, while the peers that answer are still
+    reported as delivered. Stragglers show as queued; their delivery goes on in the outbox."""
+    waits = [asyncio.ensure_future(node.outbox.wait_first_attempt(e, SEND_WAIT)) for e in entries]
+    pending = set(waits)
+    timeout = None  # until the first attempt comes back (each wait ends by SEND_WAIT anyway)
+    for _ in range(len(waits)):
+        done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done or not pending:
+            break
+        if broadcast:
+            timeout = BROADCAST_GRACE
+    for wait in pending:
+        wait.cancel()
 
 
 def _inbox_entry(node: Node, message_id: str) -> dict:

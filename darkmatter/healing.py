@@ -106,6 +106,8 @@ async def broadcast_peer_update(node: Node) -> dict[str, str]:
                                        timeout=5.0, max_bytes=64 * 1024)
         if reply.classification == "transient" and retry:
             await asyncio.sleep(30)
+            if node.base_url != new_url:
+                return "superseded by a newer URL"  # a later broadcast carries it; never resend a stale one
             return await send(conn, retry=False)
         return "delivered" if reply.ok else reply.describe()
 

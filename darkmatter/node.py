@@ -170,6 +170,10 @@ class Node:
         if self.config.public_url:
             return self.config.public_url
         if self.bind_is_loopback:
+            host = self.config.host.strip("[]")
+            # NOTE: a node bound to another loopback address (e.g. 127.0.0.2) is only reachable there.
+            if host not in ("127.0.0.1", "localhost") and ":" not in host:
+                return f"http://{host}:{self.port}"
             return f"http://127.0.0.1:{self.port}"
         if not self.bind_is_wildcard:
             host = self.config.host

@@ -4,11 +4,16 @@ Entries live in ``state["outbox"]`` with **unsigned** payloads; each attempt re-
 URL and signs afresh. Transient failures (408/425/429/5xx, connect errors, timeouts) are retried after
 min(60 s, 2^(n-1) s) ±20 %, honouring Retry-After, until the deadline; then the entry fails. Connect-class
 failures towards a connection trigger peer_lookup recovery (§6.2) before the next attempt.
+
+Attempts run CONCURRENCY at a time; one still unanswered after SLOT_SECONDS stops counting (a hung peer
+must not starve the others), a recipient with a retry or a hung attempt in flight gets no further
+attempts until it ends, and a recipient whose URL changed since the last attempt is retried at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_CAP = 500
 CONCURRENCY = 16
+SLOT_SECONDS = 1.0  # an attempt still waiting for its answer after this long no longer counts against CONCURRENCY
 
 
 class Outbox:
@@ -36,6 +42,9 @@ class Outbox:
         self._done: dict[str, asyncio.Future] = {}
         self._attempted: dict[str, asyncio.Event] = {}
         self._sem = asyncio.Semaphore(CONCURRENCY)
+        self._recovering = asyncio.Semaphore(1)
+        self._tried_url: dict[str, str | None] = {}  # entry id -> the recipient URL its last attempt used
+        self._sending: dict[str, tuple] = {}  # entry id -> (recipient, monotonic start, is a retry), messages only
         self._worker: asyncio.Task | None = None
 
     @property
@@ -107,10 +116,13 @@ class Outbox:
             self._wake.clear()
             now = time.time()
             soonest = None
+            stuck = self._stuck_targets()
             for entry in list(self.entries):
                 if entry["id"] in self._inflight:
                     continue
-                if entry["next_attempt_at"] <= now:
+                if entry["kind"] in ("message", "forward") and entry.get("target_agent_id") in stuck:
+                    continue  # tried again when the stuck attempt ends (_attempt_done wakes this loop)
+                if entry["next_attempt_at"] <= now or self._moved(entry):
                     task = asyncio.get_running_loop().create_task(self._attempt(entry))
                     self._inflight[entry["id"]] = task
                     task.add_done_callback(lambda t, eid=entry["id"]: self._attempt_done(eid))
@@ -122,12 +134,54 @@ class Outbox:
             except asyncio.TimeoutError:
                 pass
 
+    def _stuck_targets(self) -> set:
+        """Recipients with a message attempt that is a retry (the recipient failed before) or unanswered for
+        over SLOT_SECONDS (a hung peer): further messages to them wait for its outcome instead of opening more
+        connections that would fail or hang as well, and leave the slots to recipients that answer."""
+        now = time.monotonic()
+        return {target for target, started, retry in self._sending.values()
+                if target and (retry or now - started > SLOT_SECONDS)}
+
+    def _moved(self, entry: dict) -> bool:
+        """The recipient's URL changed since the entry's last attempt (a verified peer_update or a peer_lookup
+        recovery): the retry need not wait out its backoff, which was meant for the old address."""
+        tried = self._tried_url.get(entry["id"])
+        if tried is None:
+            return False
+        conn = self.node.connections.get(entry.get("target_agent_id") or "")
+        return conn is not None and conn.get("agent_url") != tried
+
     def _attempt_done(self, entry_id: str) -> None:
         self._inflight.pop(entry_id, None)
+        self._sending.pop(entry_id, None)
         self._wake.set()
 
+    @contextlib.asynccontextmanager
+    async def _slot(self):
+        """One of the CONCURRENCY attempt slots, held until the attempt ends or for SLOT_SECONDS, whichever
+        comes first. NOTE: a peer that accepts connections and never answers keeps an attempt open until the
+        15 s request timeout; holding the slot all that time let a few hung peers starve every other
+        delivery (a second broadcast to 50 peers with 10 hung ones reached the live 40 after 20-45 s)."""
+        await self._sem.acquire()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._sem.release()
+
+        timer = asyncio.get_running_loop().call_later(SLOT_SECONDS, release)
+        try:
+            yield
+        finally:
+            timer.cancel()
+            release()
+
     async def _attempt(self, entry: dict) -> None:
-        async with self._sem:
+        async with self._slot():
+            if entry["kind"] in ("message", "forward"):
+                self._sending[entry["id"]] = (entry.get("target_agent_id"), time.monotonic(), entry["attempts"] > 0)
             if entry not in self.entries:
                 return
             if time.time() > entry["deadline"] and entry["attempts"] > 0:
@@ -162,9 +216,16 @@ class Outbox:
                         and entry["kind"] in ("message", "forward"):
                     from darkmatter import healing
 
-                    self.node.spawn(healing.recover(self.node, entry["target_agent_id"]), name="peer-lookup")
+                    self.node.spawn(self._recover(healing, entry["target_agent_id"]), name="peer-lookup")
                 return
             self._finish(entry, "delivered" if kind == "delivered" else "failed", reply)
+
+    async def _recover(self, healing, agent_id: str) -> None:
+        # NOTE: one peer_lookup fan-out (§6.2) at a time: each asks up to 50 connections at once, and a
+        # broadcast that finds 10 peers dead used to start 10 fan-outs (490 requests) together, which held
+        # the event loop for seconds (the broadcast call itself answered ~2 s late). Each waits its turn.
+        async with self._recovering:
+            await healing.recover(self.node, agent_id)
 
     def _finish(self, entry: dict, state: str, reply: Reply) -> None:
         entry["state"] = state
@@ -179,6 +240,7 @@ class Outbox:
         except Exception:  # noqa: BLE001
             log.exception("outbox completion handler failed for %s", entry.get("kind"))
         self.node.save_soon()
+        self._tried_url.pop(entry["id"], None)
         future = self._done.pop(entry["id"], None)
         if future is not None and not future.done():
             future.set_result(state)
@@ -207,6 +269,7 @@ class Outbox:
             if conn is None:
                 return Reply(None, error="recipient is no longer a connection", error_kind="invalid")
             body = self.sign_message(conn, payload)
+            self._tried_url[entry["id"]] = conn.get("agent_url")
             return await node_deliver(node, conn, "/__darkmatter__/message", body)
         if kind in ("response", "webhook_update"):
             url = entry["url"]

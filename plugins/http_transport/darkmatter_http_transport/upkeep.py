@@ -86,7 +86,9 @@ async def address_loop(node, interval: float, lookup_url: str) -> None:
         new_host = None
         if lookup_url:
             new_host = await public_ip(node, lookup_url)
-        if new_host is None and node.bind_is_wildcard:
+        # NOTE: with a lookup service configured, a failed lookup keeps the current URL rather than
+        # falling back to the LAN address, which would flap public -> LAN -> public with a peer_update each.
+        if new_host is None and node.bind_is_wildcard and not (lookup_url and node.state.get("lan_url")):
             new_host = await asyncio.to_thread(lan_address)
         if new_host:
             host = f"[{new_host}]" if ":" in new_host else new_host
@@ -143,6 +145,10 @@ async def lifespan(node):
     public_bind = not node.bind_is_loopback and literal_class(host_of(f"http://{config.host}")) != "local"
     lookup = config.get_str("DARKMATTER_IP_LOOKUP_URL", "https://api.ipify.org?format=json") or ""
     upnp = None
+    # NOTE: a mapping lives only as long as one run (deleted at shutdown); a port saved by an earlier run
+    # would otherwise be advertised when this run maps nothing (UPnP off or the gateway refusing).
+    node.state.pop("upnp_port", None)
+    node.state.pop("lan_url", None)  # recomputed by the address loop for this run's port
     if not config.public_url and (node.bind_is_wildcard or public_bind):
         if config.upnp:
             try:
