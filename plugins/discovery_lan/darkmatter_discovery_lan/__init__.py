@@ -22,7 +22,7 @@ from typing import Any, Callable
 from darkmatter import PROTOCOL_VERSION, hookimpl
 from darkmatter.config import ConfigError
 from darkmatter.identity import v2_beacon, verify
-from darkmatter.wire import is_self_certifying
+from darkmatter.wire import FRESH_SECONDS, MAX_ID, is_self_certifying
 
 __version__ = "0.3.0"
 
@@ -32,9 +32,7 @@ GROUP = "239.77.68.77"
 PORT = 8470
 TTL = 2
 MAX_DATAGRAM = 2048
-FRESH_SECONDS = 300
 BIO_MAX = 100
-MAX_ID = 128
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _HEX128 = re.compile(r"^[0-9a-fA-F]{128}$")
 
