@@ -293,8 +293,9 @@ class McpServer:
             hosts.append(f"{name}:{parts.port or default}")
             if (parts.port or default) == default:
                 hosts.append(name)
-        if not self.node.bind_is_wildcard and not self.node.bind_is_loopback:
-            host = self.node.config.host.strip("[]")
+        host = self.node.config.host.strip("[]")
+        if not self.node.bind_is_wildcard and host not in ("127.0.0.1", "localhost", "::1"):
+            # a specific bind, e.g. 127.0.0.2 or a LAN address
             hosts.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         if port in (80, 443):
             hosts += [h.rsplit(":", 1)[0] for h in hosts[:3]]
