@@ -654,7 +654,12 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
             sent["response"] = next((r for r in live_now if r.get("verified")), None) or (
                 live_now[0] if live_now else None)
             sent["status"] = status
-        await persist(node, undo_response)
+        path = ["sent_messages", message_id]
+        ops = [("append", [*path, "responses"], record), ("set", [*path, "response"], sent["response"]),
+               ("set", [*path, "status"], sent["status"])]
+        if conn is not None and verified:
+            ops.append(("set", ["connections", agent_id, "health_failures"], 0))
+        await persist(node, undo_response, ops)
         await node.emit("dm_on_response_received", sent_message=sent, response=record)
     else:
         for u in sent["updates"]:
@@ -669,7 +674,8 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
         if update_type == "forwarded":
             record["target_agent_id"] = target
         sent["updates"].append(record)
-        await persist(node, lambda: record in sent["updates"] and sent["updates"].remove(record))
+        await persist(node, lambda: record in sent["updates"] and sent["updates"].remove(record),
+                      [("append", ["sent_messages", message_id, "updates"], record)])
         node.changed()
     return {"success": True, "recorded": update_type, "verified": verified, "status": sent["status"]}
 

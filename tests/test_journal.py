@@ -42,3 +42,23 @@ def test_replay_skips_records_the_snapshot_already_holds_and_stops_at_a_torn_lin
     assert replay(state, journal) == 1
     assert [m["id"] for m in state["inbox"]] == [1, 2, 3]
     assert state["n"] == 3 and state["journal_seq"] == 3
+
+
+async def test_webhook_updates_and_responses_are_journaled_and_survive_a_crash(tmp_path):
+    from darkmatter import actions
+    from darkmatter.testing import mesh
+
+    async with mesh(tmp_path, 3) as (a, b, c):
+        mid = (await actions.send_message(a, "question", b.agent_id))["message_id"]
+        await actions.forward_message(b, mid, c.agent_id, note="ask C")
+        commits_before = a.persister.commits
+        await actions.respond_message(c, mid, "answer")
+        sent = a.state["sent_messages"][mid]
+        assert sent["status"] == "responded" and sent["updates"]
+        assert a.persister.commits == commits_before, "recording a response must not rewrite the snapshot"
+        loaded = JsonFileStorage(a.config.state_file).load()  # what a crash right now would leave
+        record = loaded["sent_messages"][mid]
+        assert record["status"] == "responded"
+        assert [r["response"] for r in record["responses"]] == ["answer"]
+        assert record["response"]["agent_id"] == c.agent_id and record["response"]["verified"] is True
+        assert [(u["type"], u["agent_id"]) for u in record["updates"]] == [("forwarded", b.agent_id)]
