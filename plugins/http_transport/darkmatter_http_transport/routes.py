@@ -14,8 +14,10 @@ from darkmatter.wire import ProtocolError
 
 
 def caller_of(request: Request) -> mesh.Caller:
+    # The scheme comes from the scope: building request.url just to read it cost a URL parse per request.
     return mesh.Caller(ip=client_ip(request.scope), host=request.headers.get("host", ""),
-                       scheme=request.url.scheme, headers={k.lower(): v for k, v in request.headers.items()})
+                       scheme=request.scope.get("scheme", "http"),
+                       headers={k.lower(): v for k, v in request.headers.items()})
 
 
 def build_routes(node) -> list[Route]:
