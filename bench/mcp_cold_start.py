@@ -21,25 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BARE = r'''
-import anyio, mcp_types as types
-from mcp.server.lowlevel import Server
-from mcp.server.stdio import stdio_server
-
-async def list_tools(ctx, params):
-    return types.ListToolsResult(tools=[types.Tool(name="echo", description="Echo.",
-        input_schema={"type": "object", "properties": {"text": {"type": "string"}}})])
-
-async def call_tool(ctx, params):
-    return types.CallToolResult(content=[types.TextContent(type="text", text=str(params.arguments))])
-
-async def main():
-    server = Server("bare", on_list_tools=list_tools, on_call_tool=call_tool)
-    async with stdio_server() as (read, write):
-        await server.run(read, write, server.create_initialization_options())
-
-anyio.run(main)
-'''
+BARE = str(Path(__file__).with_name("bare_mcp.py"))  # the same bare server the bench suite uses
 
 LINES = [
     {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -89,7 +71,7 @@ def main() -> None:
               "DARKMATTER_UPNP": "false", "DARKMATTER_IP_LOOKUP_URL": "", "DARKMATTER_STUN_SERVERS": "",
               "DARKMATTER_STDIO_LINGER_SECONDS": "0", "DARKMATTER_LOG_LEVEL": "warning"}
     contenders = {
-        "bare SDK server (1 tool)": ([sys.executable, "-c", BARE], base_env),
+        "bare SDK server (1 tool)": ([sys.executable, BARE], base_env),
         "darkmatter, http_transport only": ([sys.executable, "-m", "darkmatter", "run"],
                                             {**dm_env, "DARKMATTER_PLUGINS": "http_transport",
                                              "DARKMATTER_STATE_FILE": str(home / "a.json")}),
