@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.bare_server --port 8199 [--agent-id HEX]
 
 ``POST /__darkmatter__/message`` (and ``/__darkmatter__/webhook/{id}``) parses the JSON body, rebuilds the
-v2 message string a DarkMatter node verifies (PROTOCOL.md §3.5) and checks the one signature against the
+v2 message string a DarkMatter node verifies (docs/protocol.md §3.5) and checks the one signature against the
 presented key; it stores nothing. ``GET /__darkmatter__/status`` answers for readiness. Hypercorn is
 configured as the node configures it (no access log, same timeouts), so the difference between the two is
 what a node does beyond parsing and one signature check.

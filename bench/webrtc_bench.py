@@ -14,7 +14,7 @@ ratio webrtc / http. Three measurements:
 * ``end_to_end``: ``darkmatter.actions.send_message`` (the tool's path: persist, outbox, sign,
   transport), sequential.
 
-The receiver persists every accepted message before answering, on both transports (PROTOCOL.md §11.2);
+The receiver persists every accepted message before answering, on both transports (docs/protocol.md §11.2);
 its inbox and dedup set are emptied between rounds so that rounds stay comparable.
 """
 

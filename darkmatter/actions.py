@@ -1,4 +1,4 @@
-"""Outbound mesh operations (PROTOCOL.md §4.2, §4.5, §4.6, §5, §10): what the agent's tools do.
+"""Outbound mesh operations (docs/protocol.md §4.2, §4.5, §4.6, §5, §10): what the agent's tools do.
 
 Each operation returns a JSON-shaped dict for the tool result and raises ``ToolError`` with a clear
 message for anything the agent should read and fix. Durable steps are persisted before anything is sent.

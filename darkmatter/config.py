@@ -87,7 +87,7 @@ def parse_ports(text: str, name: str = "DARKMATTER_DISCOVERY_PORTS", limit: int 
 
 @dataclass
 class Config:
-    """The node's settings. Field defaults are PROTOCOL.md §13.4's."""
+    """The node's settings. Field defaults are docs/protocol.md §13.4's."""
 
     port: int = 8100
     host: str = "127.0.0.1"

@@ -1,4 +1,4 @@
-"""The discovery-source protocol (PROTOCOL.md §8); the kernel owns the discovered-peer table."""
+"""The discovery-source protocol (docs/protocol.md §8); the kernel owns the discovered-peer table."""
 
 from __future__ import annotations
 

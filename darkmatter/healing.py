@@ -1,4 +1,4 @@
-"""Mesh healing (PROTOCOL.md §6): URL verification, peer_lookup recovery, peer_update broadcast."""
+"""Mesh healing (docs/protocol.md §6): URL verification, peer_lookup recovery, peer_update broadcast."""
 
 from __future__ import annotations
 

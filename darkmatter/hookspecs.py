@@ -46,7 +46,7 @@ def dm_register_discovery(register, node):
 
     A source (see :class:`darkmatter.discovery.DiscoverySource`) has a unique ``name``,
     ``async run(found)`` which runs until cancelled and calls ``found(entry)`` for each peer it sees
-    (the entry fields of PROTOCOL.md §8.1, with ``source`` set), and ``async scan()`` which probes
+    (the entry fields of docs/protocol.md §8.1, with ``source`` set), and ``async scan()`` which probes
     once, now (used by tools such as ``darkmatter_discover_local``). The kernel owns the discovered-peer
     table (keyed by agent_id, at most 256 entries, a fresh ``local`` entry beats ``lan``, entries unseen
     for 90 s pruned), starts ``run`` for every source when discovery is enabled, and cancels it at
@@ -59,7 +59,7 @@ def dm_register_storage(register, node):
     """Register state storages: ``register(storage)``.
 
     A storage (see :class:`darkmatter.storage.Storage`) has a unique ``name`` and offers ``load()``,
-    ``async commit(snapshot)`` (durable when it returns; PROTOCOL.md §11.2) and ``close()``. The node
+    ``async commit(snapshot)`` (durable when it returns; docs/protocol.md §11.2) and ``close()``. The node
     uses the one named by ``DARKMATTER_STORAGE`` (default ``json``, the built-in JSON state file).
     Two storages with the same name fail start-up; an unknown name fails with the list of known ones.
     """
@@ -106,7 +106,7 @@ def dm_lifespan(node):
 def dm_on_message_received(node, message):
     """A message was accepted into the inbox (over any transport) and persisted.
 
-    ``message`` is the inbox entry of PROTOCOL.md §4.7 (a dict; treat it as read-only). May return an
+    ``message`` is the inbox entry of docs/protocol.md §4.7 (a dict; treat it as read-only). May return an
     awaitable. Duplicates and refused messages never reach this hook.
     """
 

@@ -1,4 +1,4 @@
-"""Ed25519 identity and the signature strings of PROTOCOL.md §3."""
+"""Ed25519 identity and the signature strings of docs/protocol.md §3."""
 
 from __future__ import annotations
 

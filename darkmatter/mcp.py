@@ -1,4 +1,4 @@
-"""The node's MCP control plane (PROTOCOL.md §12): every plugin's tools over stdio and ``/mcp``.
+"""The node's MCP control plane (docs/protocol.md §12): every plugin's tools over stdio and ``/mcp``.
 
 Built on the official SDK's low-level ``Server``. The tools are ``node.tools``; results are JSON text plus
 ``structuredContent``; a :class:`~darkmatter.tools.ToolError`, bad arguments or a refused protocol step come

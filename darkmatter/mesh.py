@@ -1,4 +1,4 @@
-"""Inbound mesh protocol: what a node does with each request of PROTOCOL.md §4–§6 and §10.
+"""Inbound mesh protocol: what a node does with each request of docs/protocol.md §4–§6 and §10.
 
 Transport-neutral: every handler takes the node, the parsed JSON body (or path parameters) and a
 :class:`Caller` describing where the request came from, and returns the 200 body or raises
@@ -846,3 +846,37 @@ async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
     node.outbox.kick()  # deliveries waiting out a backoff meant for the old URL go now
     await node.emit("dm_on_connection_changed", agent_id=agent_id, event="url_changed")
     return {"success": True, "updated": True}
+
+
+# --- the one inbound entry (every transport calls this) ----------------------------------------------
+
+OPERATIONS: dict[str, Callable[..., Any]] = {
+    "connection_request": connection_request, "connection_accepted": connection_accepted,
+    "connection_rejected": connection_rejected, "disconnect": disconnect, "message": message,
+    "peer_update": peer_update, "webhook_post": webhook_post, "webhook_get": webhook_get,
+    "impression": impression, "peer_lookup": peer_lookup, "status": status, "network_info": network_info,
+}
+
+
+async def handle(node: Node, op: str, caller: Caller, body: dict | None = None, arg: str | None = None) -> dict:
+    """Handle one inbound mesh operation, whatever transport carried it.
+
+    ``op`` names the operation (see ``OPERATIONS``); ``body`` is the parsed JSON object of a POST, ``arg``
+    the path parameter of ``webhook_*`` (message_id), ``impression`` and ``peer_lookup`` (agent_id).
+    Returns the 200 body or raises ``ProtocolError``; a state that cannot be saved is a 503."""
+    handler = OPERATIONS.get(op)
+    if handler is None:
+        raise ProtocolError(404, "not_found", f"Unknown mesh operation {op!r}")
+    args: list[Any] = [node]
+    if arg is not None:
+        args.append(arg)
+    if body is not None or op in POSTS:
+        args.append(body if body is not None else {})
+    try:
+        return await handler(*args, caller)
+    except OSError:
+        raise save_failed() from None
+
+
+POSTS = {"connection_request", "connection_accepted", "connection_rejected", "disconnect", "message",
+         "peer_update", "webhook_post"}

@@ -247,7 +247,7 @@ class Node:
     # --- persistence ----------------------------------------------------------------------
 
     async def save(self, ops: list | None = None) -> None:
-        """Durable on return (PROTOCOL.md §11.2); concurrent callers share one write.
+        """Durable on return (docs/protocol.md §11.2); concurrent callers share one write.
 
         ``ops`` (journal records, see ``darkmatter/storage.py``) describe the change exactly and make the
         write a small journal append instead of a snapshot; pass them on hot paths only."""

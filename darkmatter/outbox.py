@@ -1,4 +1,4 @@
-"""The persistent outbox of PROTOCOL.md §5.2: every outbound delivery, retried with backoff.
+"""The persistent outbox of docs/protocol.md §5.2: every outbound delivery, retried with backoff.
 
 Entries live in ``state["outbox"]`` with **unsigned** payloads; each attempt re-reads the connection's
 URL and signs afresh. Transient failures (408/425/429/5xx, connect errors, timeouts) are retried after

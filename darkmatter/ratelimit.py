@@ -1,4 +1,4 @@
-"""Token buckets for PROTOCOL.md §13.1."""
+"""Token buckets for docs/protocol.md §13.1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stdio plumbing for ``darkmatter run`` and the relay of a second stdio session (PROTOCOL.md §12.4).
+"""Stdio plumbing for ``darkmatter run`` and the relay of a second stdio session (docs/protocol.md §12.4).
 
 ``StdioPipes`` gives async line I/O on the process's stdin and stdout without a thread blocked in
 ``read()`` (so the process can always exit), and points fd 0 and 1 at ``/dev/null`` and stderr while it

@@ -1,4 +1,4 @@
-"""``darkmatter run``: start the node and serve MCP (PROTOCOL.md §12.1, §12.4).
+"""``darkmatter run``: start the node and serve MCP (docs/protocol.md §12.1, §12.4).
 
 * **http**: the node serves the mesh and ``/mcp`` on its port until SIGINT/SIGTERM.
 * **stdio** (``auto`` when stdin is not a terminal): the same process and event loop also serve one MCP

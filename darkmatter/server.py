@@ -1,7 +1,7 @@
 """The node's HTTP port: one Starlette app on hypercorn, holding the mesh routes plugins register and
 the MCP endpoint at ``/mcp``.
 
-Mesh paths follow PROTOCOL.md §2.1 (JSON errors, Origin → 403, Host → 421 on loopback binds, bodies over
+Mesh paths follow docs/protocol.md §2.1 (JSON errors, Origin → 403, Host → 421 on loopback binds, bodies over
 1 MiB → 413 before parsing); ``/mcp`` follows §12 (see ``mcp.py``).
 """
 

@@ -1,4 +1,4 @@
-"""The node's state (PROTOCOL.md §11): schema, new identities, 0.2 migration, the state lock.
+"""The node's state (docs/protocol.md §11): schema, new identities, 0.2 migration, the state lock.
 
 State is a plain JSON-shaped dict in the 0.2/0.3 schema, so a state file written by an original 0.2
 node loads as it is and ours stays readable by humans. The node mutates it on the event loop only; a

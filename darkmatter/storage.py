@@ -1,6 +1,6 @@
 """Storage protocol and the group-commit persister with an append-only journal.
 
-Durable and fast at once (PROTOCOL.md §11.2: whatever a peer got a 200 for is on disk):
+Durable and fast at once (docs/protocol.md §11.2: whatever a peer got a 200 for is on disk):
 
 * ``await node.save()`` returns only when a snapshot taken *after* the caller's change is on disk.
   Every change made while one write is in flight rides on the next one (a group commit), and all file

@@ -1,4 +1,4 @@
-"""Wire conventions of PROTOCOL.md §2: errors, JSON, ids, timestamps, URLs, sizes.
+"""Wire conventions of docs/protocol.md §2: errors, JSON, ids, timestamps, URLs, sizes.
 
 Pure functions with no I/O, shared by the kernel and every transport.
 """

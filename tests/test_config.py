@@ -1,4 +1,4 @@
-"""Configuration: every DARKMATTER_* setting read in one place, defaults of PROTOCOL.md §13.4, readable
+"""Configuration: every DARKMATTER_* setting read in one place, defaults of docs/protocol.md §13.4, readable
 errors, flags over environment."""
 
 from __future__ import annotations

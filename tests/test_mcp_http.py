@@ -1,4 +1,4 @@
-"""The MCP control plane over streamable HTTP (PROTOCOL.md §12), driven by the official Python SDK client.
+"""The MCP control plane over streamable HTTP (docs/protocol.md §12), driven by the official Python SDK client.
 
 Real nodes on loopback in this process; the SDK client talks to their ``/mcp`` over real sockets in both
 protocol eras (2025 handshake, 2026 per-request envelope).

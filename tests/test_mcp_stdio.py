@@ -1,4 +1,4 @@
-"""``darkmatter run`` over stdio (PROTOCOL.md §12.1, §12.4), driven by the official Python SDK stdio client.
+"""``darkmatter run`` over stdio (docs/protocol.md §12.1, §12.4), driven by the official Python SDK stdio client.
 
 Each test launches real ``python -m darkmatter run`` processes. Like MCP clients, the SDK does not pass the
 parent environment, so every DARKMATTER_* variable is given explicitly (``env_for_tests``: discovery, UPnP

@@ -1,4 +1,4 @@
-"""The node's state file (PROTOCOL.md §11): round trips, atomic writes under SIGKILL, corruption,
+"""The node's state file (docs/protocol.md §11): round trips, atomic writes under SIGKILL, corruption,
 0.2 migration, permissions, the lock and the group commit."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def mode(path: Path) -> int:
 
 
 def inbox_entry(n: int, sender: str) -> dict:
-    """An inbox entry of PROTOCOL.md §4.7."""
+    """An inbox entry of docs/protocol.md §4.7."""
     return {"message_id": f"msg-{n:012x}", "content": f"question {n}",
             "webhook": f"http://127.0.0.1:9/__darkmatter__/webhook/msg-{n:012x}", "hops_remaining": 10,
             "from_agent_id": sender, "metadata": {"n": n}, "received_at": now_iso(), "verified": True,

@@ -1,4 +1,4 @@
-"""The JSON state file of PROTOCOL.md §11: atomic snapshots, an append-only journal beside it
+"""The JSON state file of docs/protocol.md §11: atomic snapshots, an append-only journal beside it
 (``<state>.journal``, see ``darkmatter/storage.py``), 0600, corruption kept aside."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Delivery (PROTOCOL.md §3.7, §5.2, §5.4, §5.6): retries to a sender that is briefly down, lost
+"""Delivery (docs/protocol.md §3.7, §5.2, §5.4, §5.6): retries to a sender that is briefly down, lost
 acknowledgements and duplicates, a partition (SIGSTOP) and its healing.
 
 A peer that is down for 30 s and then receives the message from the outbox is covered by

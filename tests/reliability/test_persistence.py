@@ -1,4 +1,4 @@
-"""Persistence (PROTOCOL.md §1.2 goal 3, §11): kill -9 during heavy writes, two processes on one state file,
+"""Persistence (docs/protocol.md §1.2 goal 3, §11): kill -9 during heavy writes, two processes on one state file,
 a full or read-only disk. Real ``python -m darkmatter run`` subprocesses; the state is read back with the
 node's own loader (snapshot plus journal) after every crash."""
 

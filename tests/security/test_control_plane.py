@@ -1,4 +1,4 @@
-"""The control plane (PROTOCOL.md §2.1, §12.2, §12.3, §12.5): DNS rebinding (Host), CSRF (Origin), the
+"""The control plane (docs/protocol.md §2.1, §12.2, §12.3, §12.5): DNS rebinding (Host), CSRF (Origin), the
 bearer token for non-loopback clients, and peer-controlled text in tool descriptions."""
 
 from __future__ import annotations

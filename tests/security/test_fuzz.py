@@ -1,4 +1,4 @@
-"""Property-based input fuzz (PROTOCOL.md §2.1–§2.4, §4, §13; issue 3's "no node ever answers 500").
+"""Property-based input fuzz (docs/protocol.md §2.1–§2.4, §4, §13; issue 3's "no node ever answers 500").
 
 Every POST endpoint × every field gets wrong types, odd strings, NaN/Infinity, lone surrogates, huge and
 deeply nested values — with and without a fresh valid signature over the mutated body, so that both the

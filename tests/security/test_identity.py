@@ -1,4 +1,4 @@
-"""Identity and keys (PROTOCOL.md §3.1–§3.2, §11.1, §11.4, §12.3): the id is bound to the key, survives
+"""Identity and keys (docs/protocol.md §3.1–§3.2, §11.1, §11.4, §12.3): the id is bound to the key, survives
 restarts, is never silently replaced, its files are private, and the private key never leaves the node
 except to its own local session."""
 

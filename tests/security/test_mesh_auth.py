@@ -1,4 +1,4 @@
-"""Mesh authentication and replay (PROTOCOL.md §1.3 refusals, §3.3–§3.7, §4.3–§4.4, §6.1–§6.3).
+"""Mesh authentication and replay (docs/protocol.md §1.3 refusals, §3.3–§3.7, §4.3–§4.4, §6.1–§6.3).
 
 An evil peer holds its own Ed25519 key (``RawPeer``) and crafts exact wire bodies. Every refusal must
 leave the node's state byte-for-byte unchanged.

@@ -1,4 +1,4 @@
-"""Resources (PROTOCOL.md §2.3, §13.1–§13.3): oversize bodies, slow loris, connection-request floods, one
+"""Resources (docs/protocol.md §2.3, §13.1–§13.3): oversize bodies, slow loris, connection-request floods, one
 peer filling the inbox, /status latency under write load, memory after many maximum-size requests."""
 
 from __future__ import annotations

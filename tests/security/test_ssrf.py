@@ -1,4 +1,4 @@
-"""Outbound request safety (PROTOCOL.md §7, §2.6, §6.1, §13.3): webhook shape, address classes, redirects,
+"""Outbound request safety (docs/protocol.md §7, §2.6, §6.1, §13.3): webhook shape, address classes, redirects,
 resolver failures, rebinding, slow and huge answers.
 
 Address classes are checked at unit level on ``darkmatter.net.classify`` and end to end: a message whose

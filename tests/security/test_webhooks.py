@@ -1,4 +1,4 @@
-"""Webhooks (PROTOCOL.md §5.5–§5.7, §13.2, §2.3): forged updates, what outsiders can read, caps and sizes."""
+"""Webhooks (docs/protocol.md §5.5–§5.7, §13.2, §2.3): forged updates, what outsiders can read, caps and sizes."""
 
 from __future__ import annotations
 

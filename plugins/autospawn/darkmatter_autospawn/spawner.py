@@ -158,7 +158,7 @@ class Spawner:
         return env
 
     def node_env(self) -> dict[str, str]:
-        """What a `darkmatter run` started by the agent needs to attach to this node (PROTOCOL.md §12.4)."""
+        """What a `darkmatter run` started by the agent needs to attach to this node (docs/protocol.md §12.4)."""
         return {
             "DARKMATTER_AGENT_ENABLED": "false",  # the recursion guard
             "DARKMATTER_STATE_FILE": str(Path(self.node.config.state_file).expanduser().absolute()),

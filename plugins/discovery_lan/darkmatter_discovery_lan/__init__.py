@@ -1,4 +1,4 @@
-"""Discover DarkMatter nodes on the LAN by UDP multicast beacons (PROTOCOL.md §8.2).
+"""Discover DarkMatter nodes on the LAN by UDP multicast beacons (docs/protocol.md §8.2).
 
 Every ``DARKMATTER_LAN_BEACON_INTERVAL`` seconds (default 30) the node multicasts a signed beacon to
 ``DARKMATTER_LAN_GROUP``:``DARKMATTER_LAN_PORT`` (default 239.77.68.77:8470), TTL 2, with multicast loop on

@@ -1,4 +1,4 @@
-"""Discover DarkMatter nodes on this machine by scanning loopback ports (PROTOCOL.md §8.1).
+"""Discover DarkMatter nodes on this machine by scanning loopback ports (docs/protocol.md §8.1).
 
 At start-up and every ``DARKMATTER_DISCOVERY_INTERVAL`` seconds (default 30) the node GETs
 ``http://127.0.0.1:<p>/.well-known/darkmatter.json`` on every port of ``DARKMATTER_DISCOVERY_PORTS``

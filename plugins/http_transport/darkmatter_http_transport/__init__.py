@@ -1,6 +1,6 @@
 """The DarkMatter mesh protocol over HTTP: the mesh routes, the HTTP transport and mesh upkeep.
 
-Routes map PROTOCOL.md §4 endpoints onto the kernel's transport-neutral handlers (``darkmatter.mesh``);
+Routes map docs/protocol.md §4 endpoints onto the kernel's transport-neutral handlers (``darkmatter.mesh``);
 the transport carries ``/message`` envelopes to connections with the node's pooled client; the lifespan
 runs the health loop (§6.4), address-change detection (§6.5) and the optional UPnP mapping (§6.6).
 """

@@ -1,4 +1,4 @@
-"""Self-replication (PROTOCOL.md §4.11): ``/bootstrap``, ``/bootstrap/server.py``,
+"""Self-replication (docs/protocol.md §4.11): ``/bootstrap``, ``/bootstrap/server.py``,
 ``/bootstrap/packages/{file}`` and the ``darkmatter_get_server_template`` tool.
 
 At startup (off the event loop) the node packs the kernel and every plugin it runs into wheels: a
@@ -418,7 +418,7 @@ def build_routes(node) -> list[Route]:
 PRIMITIVES = [
     {"name": "connect", "tool": "darkmatter_request_connection", "endpoint": "POST /__darkmatter__/connection_request",
      "summary": "Ask a node (by URL) for a connection; a genesis node accepts at once, others queue the request "
-                "(PROTOCOL.md §4.2, §4.3)."},
+                "(docs/protocol.md §4.2, §4.3)."},
     {"name": "accept / reject", "tool": "darkmatter_respond_connection",
      "endpoint": "POST /__darkmatter__/connection_accepted, /__darkmatter__/connection_rejected",
      "summary": "Decide a queued incoming request; the requester is told either way (§4.4, §4.5)."},
@@ -467,7 +467,7 @@ def template(node) -> dict:
             f"The new agent connects back with darkmatter_request_connection url={base}.",
             "Re-running it is safe: it reuses the virtualenv and does not start a second node.",
         ],
-        "compatibility": f"Protocol {PROTOCOL_VERSION}; interoperates with protocol 0.2 nodes (PROTOCOL.md §1.3): "
+        "compatibility": f"Protocol {PROTOCOL_VERSION}; interoperates with protocol 0.2 nodes (docs/protocol.md §1.3): "
                          "0.3 only adds fields and endpoints, refusing 0.2 behaviour only where it would allow "
                          "spoofing, replay or hijack.",
         "protocol_version": PROTOCOL_VERSION,

@@ -1,4 +1,4 @@
-"""Starlette routes for every mesh endpoint of PROTOCOL.md §4.1 (WebRTC and bootstrap live elsewhere)."""
+"""Starlette routes for every mesh endpoint of docs/protocol.md §4.1 (WebRTC and bootstrap live elsewhere)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Self-replication (PROTOCOL.md §4.11): /bootstrap, /bootstrap/server.py, /bootstrap/packages and the
+"""Self-replication (docs/protocol.md §4.11): /bootstrap, /bootstrap/server.py, /bootstrap/packages and the
 server template tool, against real nodes; the slow test runs the script with real bash in a fresh HOME."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Connections both ways over real HTTP (PROTOCOL.md §4.2–§4.6)."""
+"""Connections both ways over real HTTP (docs/protocol.md §4.2–§4.6)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Delivery through restarts and moves (PROTOCOL.md §5.2, §6): outbox retries, peer_update, peer_lookup."""
+"""Delivery through restarts and moves (docs/protocol.md §5.2, §6): outbox retries, peer_update, peer_lookup."""
 
 import asyncio
 import contextlib

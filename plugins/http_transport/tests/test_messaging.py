@@ -1,4 +1,4 @@
-"""Messages, forwarding, responses and webhooks between real nodes (PROTOCOL.md §3.6, §3.7, §5)."""
+"""Messages, forwarding, responses and webhooks between real nodes (docs/protocol.md §3.6, §3.7, §5)."""
 
 import asyncio
 

@@ -1,4 +1,4 @@
-"""HTTP conventions of PROTOCOL.md §2 and the read-only endpoints of §4.8–§4.10, §8.3."""
+"""HTTP conventions of docs/protocol.md §2 and the read-only endpoints of §4.8–§4.10, §8.3."""
 
 import pytest
 

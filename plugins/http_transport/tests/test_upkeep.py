@@ -1,4 +1,4 @@
-"""Mesh upkeep of the http_transport plugin: health loop (PROTOCOL.md §6.4), address change through an IP
+"""Mesh upkeep of the http_transport plugin: health loop (docs/protocol.md §6.4), address change through an IP
 echo service (§6.5) and the UPnP gate (§6.6).
 
 Everything runs on loopback. The address-change cases need a wildcard bind; they run only inside a network

@@ -1,4 +1,4 @@
-"""WebRTC data channels between DarkMatter nodes, with HTTP fallback (PROTOCOL.md §9).
+"""WebRTC data channels between DarkMatter nodes, with HTTP fallback (docs/protocol.md §9).
 
 Registers the ``webrtc`` transport (priority 10, above ``http``), the signed
 ``POST /__darkmatter__/webrtc_offer`` route and the ``darkmatter_upgrade_webrtc`` tool. aiortc is imported
@@ -70,7 +70,7 @@ def dm_register_tools(register, node):
 
     register(Tool(
         name="darkmatter_upgrade_webrtc",
-        description=("Upgrade a connection to a WebRTC data channel (PROTOCOL.md §9). Messages up to 16 KB "
+        description=("Upgrade a connection to a WebRTC data channel (docs/protocol.md §9). Messages up to 16 KB "
                      "then travel over the channel; larger ones, and everything while the channel is closed, "
                      "still go over HTTP. darkmatter_list_connections shows each connection's transport."),
         handler=upgrade,

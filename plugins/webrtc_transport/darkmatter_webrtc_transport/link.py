@@ -1,4 +1,4 @@
-"""One WebRTC peer connection to one DarkMatter connection, and the frames of PROTOCOL.md §9.2.
+"""One WebRTC peer connection to one DarkMatter connection, and the frames of docs/protocol.md §9.2.
 
 A :class:`Link` wraps an aiortc ``RTCPeerConnection`` and its ``darkmatter`` data channel. It reports to
 its manager (the WebRTC transport) when the channel opens, when a frame arrives and when the channel is

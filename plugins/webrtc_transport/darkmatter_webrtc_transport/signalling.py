@@ -1,4 +1,4 @@
-"""WebRTC signalling over the existing HTTP connection (PROTOCOL.md §9.1).
+"""WebRTC signalling over the existing HTTP connection (docs/protocol.md §9.1).
 
 ``upgrade`` is the offerer (the ``darkmatter_upgrade_webrtc`` tool): gather (non-trickle, ≤ 10 s), POST a
 v2-signed ``webrtc_offer``, verify the answer, and wait ≤ 15 s for the channel to open. ``answer`` is the

@@ -1,4 +1,4 @@
-"""The ``webrtc`` transport (PROTOCOL.md §9.2, §9.3): /message envelopes over an open data channel.
+"""The ``webrtc`` transport (docs/protocol.md §9.2, §9.3): /message envelopes over an open data channel.
 
 The kernel asks ``can_send(connection, size)`` and then ``send``; this transport takes an envelope only
 when the peer's channel is open and the frame fits in 16 384 UTF-8 bytes, else the kernel uses HTTP.
