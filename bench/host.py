@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from darkmatter import actions, hookimpl
+from darkmatter import hookimpl
+from darkmatter.mesh import outbound as actions
 from darkmatter.testing import make_node
 
 from bench.common import RawHttp, cpu_seconds, dumps, new_identity, rss_bytes, signed_message

@@ -11,7 +11,7 @@ ratio webrtc / http. Three measurements:
 * ``transport``: one signed /message envelope handed to the transport's ``send`` and answered (HTTP 200
   or the ack frame) -- sequential, for latency;
 * ``burst``: ``--burst`` envelopes through ``send`` with ``--concurrency`` in flight, for throughput;
-* ``end_to_end``: ``darkmatter.actions.send_message`` (the tool's path: persist, outbox, sign,
+* ``end_to_end``: ``darkmatter.mesh.outbound.send_message`` (the tool's path: persist, outbox, sign,
   transport), sequential.
 
 The receiver persists every accepted message before answering, on both transports (docs/protocol.md §11.2);
@@ -60,7 +60,7 @@ def summary(seconds: list[float]) -> dict:
 
 
 async def bench(args) -> dict:
-    from darkmatter import actions
+    from darkmatter.mesh import outbound as actions
     from darkmatter.testing import connect, make_node
     from darkmatter.wire import new_message_id
 

@@ -1,48 +1,62 @@
 """The declared plugin API: everything a plugin may import from the kernel.
 
-Plugins import ``darkmatter``, ``darkmatter.api`` and ``darkmatter.testing`` only (a meta-test checks it),
-so the kernel can move its insides freely. Everything a plugin needs at run time reaches it through the
-``node`` argument of every hook; this module gives the types, markers and pure helpers.
+Plugins import ``darkmatter``, ``darkmatter.api`` and ``darkmatter.testing`` only (``tests/test_meta.py``
+checks it), so the kernel can move its insides freely. What a plugin needs at run time reaches it through
+the ``node`` argument of every hook; this module gives the types, markers, operations and pure helpers.
+
+* Inbound: a transport hands every request it receives to :func:`handle` (``ROUTES`` and :func:`route_of`
+  give the HTTP shape of each operation).
+* Outbound: :func:`call` reaches a URL, :func:`deliver` a connection, through the node's transports; the
+  agent-level operations (:func:`send_message`, :func:`request_connection`, ...) are what the tools do.
 """
 
 from darkmatter import PROTOCOL_VERSION, __version__, hookimpl
-from darkmatter.actions import (ask_impression, disconnect, expire_message, forward_message, request_connection,
-                                respond_connection, respond_message, send_message)
 from darkmatter.config import Config, ConfigError
 from darkmatter.discovery import DiscoverySource
 from darkmatter.identity import (Identity, peer_update_string, v1_string, v2_beacon, v2_message, v2_string,
                                  v2_webhook_update, verify)
-from darkmatter.mesh import Caller, handle
+from darkmatter.mesh.connections import agent_url_for, known_03, mark_03
+from darkmatter.mesh.dispatch import call, check, deliver
+from darkmatter.mesh.healing import broadcast_peer_update, fetch_well_known, recover
+from darkmatter.mesh.inbound import REFUSED_WHEN_INACTIVE, ROUTES, handle, inactive_check, rate_key, route_of
+from darkmatter.mesh.outbound import (ask_impression, disconnect, expire_message, forward_message,
+                                      request_connection, respond_connection, respond_message, send_message)
+from darkmatter.mesh.transport import LARGE, SMALL, Blocked, Caller, Reply, Transport, TransportUnavailable
 from darkmatter.node import Node, StartupError
+from darkmatter.plugins import GROUP, active_plugins
 from darkmatter.server import client_ip, error_response, read_json
 from darkmatter.storage import Storage
 from darkmatter.tools import Session, Tool, ToolError, boolean, integer, string
-from darkmatter.transport import Reply, Transport, TransportUnavailable
 from darkmatter.wire import (FRESH_SECONDS, MAX_BODY, MAX_ID, ProtocolError, bad, check_content, check_id,
-                             check_message_id, check_metadata, cj, endpoint, forbidden, h, host_of, is_fresh,
-                             is_self_certifying, loads_object, new_message_id, normalize, now_iso, parse_ts)
+                             check_message_id, check_metadata, cj, classify, endpoint, forbidden, h, host_of,
+                             is_fresh, is_self_certifying, literal_class, loads_object, new_message_id,
+                             normalize, now_iso, parse_ts)
 
 __all__ = [
     # markers and versions
     "hookimpl", "__version__", "PROTOCOL_VERSION",
-    # the node and its settings
-    "Node", "StartupError", "Config", "ConfigError",
+    # the node, its settings and its plugins
+    "Node", "StartupError", "Config", "ConfigError", "GROUP", "active_plugins",
     # MCP tools
     "Tool", "ToolError", "Session", "string", "integer", "boolean",
-    # transports and the inbound entry
-    "Transport", "Reply", "TransportUnavailable", "Caller", "handle",
+    # transports: the interface, the inbound entry, outbound dispatch
+    "Transport", "Reply", "TransportUnavailable", "Blocked", "Caller", "SMALL", "LARGE",
+    "handle", "ROUTES", "route_of", "REFUSED_WHEN_INACTIVE", "inactive_check", "rate_key",
+    "call", "check", "deliver",
     # discovery and storage
     "DiscoverySource", "Storage",
-    # outbound mesh operations (what the agent's tools do)
+    # mesh operations (what the agent's tools do) and healing (docs/protocol.md §6)
     "request_connection", "respond_connection", "disconnect", "send_message", "forward_message",
-    "respond_message", "expire_message", "ask_impression",
-    # HTTP route helpers
+    "respond_message", "expire_message", "ask_impression", "fetch_well_known", "recover",
+    "broadcast_peer_update", "agent_url_for", "known_03", "mark_03",
+    # HTTP route helpers (for plugins that serve routes on the node's port)
     "read_json", "error_response", "client_ip",
     # identity and signatures (docs/protocol.md §3)
     "Identity", "verify", "v1_string", "v2_string", "v2_message", "v2_webhook_update", "v2_beacon",
     "peer_update_string",
-    # wire rules (docs/protocol.md §2)
+    # wire rules (docs/protocol.md §2, §7.3)
     "ProtocolError", "bad", "forbidden", "MAX_BODY", "MAX_ID", "FRESH_SECONDS", "now_iso", "is_fresh",
     "parse_ts", "check_id", "check_message_id", "is_self_certifying", "new_message_id", "endpoint",
-    "normalize", "host_of", "loads_object", "h", "cj", "check_content", "check_metadata",
+    "normalize", "host_of", "loads_object", "h", "cj", "check_content", "check_metadata", "classify",
+    "literal_class",
 ]

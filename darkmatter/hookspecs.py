@@ -30,12 +30,14 @@ hookspec = pluggy.HookspecMarker("darkmatter")
 def dm_register_transports(register, node):
     """Register mesh transports: ``register(transport)``.
 
-    A transport (see :class:`darkmatter.transport.Transport`) has a unique ``name``, an integer
-    ``priority`` (higher is tried first), a synchronous ``can_send(connection, size) -> bool`` and
-    ``async send(connection, path, payload) -> Reply``. The kernel dispatches every delivery to a
-    connection: it tries the transports whose ``can_send`` is true in priority order and falls back to
-    the next one when ``send`` raises :class:`darkmatter.transport.TransportUnavailable`. A transport
-    only carries envelopes; the kernel signs, classifies replies and retries.
+    Every mesh interaction crosses a transport (see :class:`darkmatter.api.Transport`): a unique ``name``,
+    an integer ``priority`` (higher first); ``handles(url)``, ``async check(url, strict)`` and ``async
+    request(method, url, ...) -> Reply`` for requests to a URL (the kernel's ``call`` picks the first
+    transport that handles it); ``can_send(connection, size)`` and ``async send(connection, path, payload)
+    -> Reply`` for envelopes to a connection (the kernel tries them in priority order and falls back on
+    :class:`darkmatter.api.TransportUnavailable`). Inbound, a transport hands what it received to
+    ``darkmatter.api.handle(node, op, caller, body, arg)`` and carries back the answer or the
+    ``ProtocolError``. A transport only carries: the kernel signs, classifies replies and retries.
     Two transports with the same name fail start-up.
     """
 

@@ -1,8 +1,12 @@
-"""The Node: one agent identity on one port, with its plugins, state and services.
+"""The Node: one agent identity, with its plugins, state and services.
 
 A ``Node`` is cheap to construct (it builds its plugin manager and collects what plugins register);
-``await node.start()`` takes the state lock, loads the state, binds the port and starts serving;
-``await node.stop()`` undoes it all. ``async with node:`` does both. Several nodes run in one process.
+``await node.start()`` runs the lifecycle of ``darkmatter.lifecycle`` (take the state lock, load the state,
+bind the port, enter the plugin lifespans, serve); ``await node.stop()`` undoes it all. ``async with node:``
+does both. Several nodes run in one process.
+
+Plugins keep per-node state in objects they register (a transport, a discovery source) or in
+``node.plugin_state(name, factory)``; nothing is patched onto the node.
 """
 
 from __future__ import annotations
@@ -12,35 +16,30 @@ import contextlib
 import inspect
 import ipaddress
 import logging
-import os
-import secrets
 import socket
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pluggy
 
-from darkmatter import PROTOCOL_VERSION
+from darkmatter import PROTOCOL_VERSION, lifecycle
 from darkmatter.config import Config
+from darkmatter.errors import StartupError
 from darkmatter.identity import Identity, v2_string
-from darkmatter.net import Net
+from darkmatter.mesh.connections import MAX_CONNECTIONS
+from darkmatter.mesh.transport import Transport
 from darkmatter.plugins import active_plugins, build_plugin_manager, plugin_name
 from darkmatter.ratelimit import RateLimiter, overrides_from_env
-from darkmatter.state import (GENERIC_BIO, StateError, StateLock, apply_overrides, migrate, new_state)
+from darkmatter.state import GENERIC_BIO
 from darkmatter.storage import Persister, Storage
 from darkmatter.tools import Tool
-from darkmatter.transport import Transport
-from darkmatter.wire import is_self_certifying, normalize, now_iso, urls_match
+from darkmatter.wire import host_of, is_self_certifying, literal_class, normalize, now_iso, urls_match
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 50
 DISCOVERED_MAX = 256
 DISCOVERED_TTL = 90.0
 
-
-class StartupError(Exception):
-    """The node cannot start; the message says why and what to do."""
+__all__ = ["Node", "StartupError", "MAX_CONNECTIONS"]
 
 
 class Node:
@@ -56,7 +55,6 @@ class Node:
         self.storages: dict[str, Storage] = {}
         self.discovered: dict[str, dict] = {}
         self.rate = RateLimiter(config.rate_limits, overrides_from_env(config.env))
-        self.net: Net | None = None
         self.persister: Persister | None = None
         self.port: int = config.port
         self.socket: socket.socket | None = None
@@ -65,11 +63,17 @@ class Node:
         self.stopping = asyncio.Event() if _has_loop() else None
         self.listeners: list[Callable[[], None]] = []
         self.tasks: set[asyncio.Task] = set()
-        self.outbox = None  # darkmatter.outbox.Outbox, created at start
-        self._lock: StateLock | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._server_task: asyncio.Task | None = None
-        self._shutdown = None
+        self.outbox = None  # darkmatter.mesh.outbox.Outbox, created at start
+        self.mcp = None  # darkmatter.mcp.McpServer, created at start
+        self.plugin_data: dict[str, Any] = {}  # per-node plugin state, see plugin_state()
+        self.inbox_index = None  # darkmatter.mesh.inbound.InboxIndex, rebuilt when the inbox changed
+        self.seen_prune_at = 0  # size of the seen-id table at which it is next pruned
+        self.recovery_at: dict[str, float] = {}  # agent_id -> monotonic time of its last peer_lookup recovery
+        self.http_ready = asyncio.Event() if _has_loop() else None
+        self.lock = None  # darkmatter.state.StateLock, held while started
+        self.exit_stack: contextlib.AsyncExitStack | None = None
+        self.server_task: asyncio.Task | None = None
+        self.shutdown_event: asyncio.Event | None = None
         self._register_all()
 
     # --- registration ---------------------------------------------------------------------
@@ -193,9 +197,6 @@ class Node:
 
     def is_local(self) -> bool:
         """§7.3: the node's bind address, or its own URL's host, is loopback or private."""
-        from darkmatter.net import literal_class
-        from darkmatter.wire import host_of
-
         if not self.bind_is_wildcard and (literal_class(self.config.host) == "local" or self.bind_is_loopback):
             return True
         if self.bind_is_wildcard and not self.config.public_url:
@@ -240,6 +241,13 @@ class Node:
                 "status": self.state.get("status"), "is_genesis": bool(self.state.get("is_genesis")),
                 "num_connections": len(self.connections),
                 "accepting_connections": self.accepting_connections(), "protocol_version": PROTOCOL_VERSION}
+
+    def plugin_state(self, key: str, factory: Callable[[], Any]) -> Any:
+        """A plugin's per-node state: the object kept under ``key`` (the plugin's name), made by ``factory()``
+        on first use. Plugins keep per-node state here, not in module globals or attributes set on the node."""
+        if key not in self.plugin_data:
+            self.plugin_data[key] = factory()
+        return self.plugin_data[key]
 
     def plugin_list(self) -> list[dict]:
         return [{"name": i.name, "version": i.version} for i in active_plugins(self.pm)]
@@ -326,129 +334,14 @@ class Node:
             if now - entry["last_seen"] > max_age:
                 del self.discovered[agent_id]
 
-    # --- lifecycle ------------------------------------------------------------------------
-
-    def _load_state(self, storage: Storage) -> dict:
-        raw = storage.load()
-        if raw is None:
-            state = new_state()
-            if self.config.genesis is None:
-                state["is_genesis"] = True
-            return state
-        return migrate(raw)
-
-    def _token(self) -> str:
-        path = Path(str(self.config.state_file).removesuffix(".json") + ".token")
-        try:
-            token = path.read_text().strip()
-            if len(token) == 64:
-                if path.stat().st_mode & 0o077:
-                    os.chmod(path, 0o600)
-                return token
-        except FileNotFoundError:
-            pass
-        token = secrets.token_hex(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        return token
+    # --- lifecycle (darkmatter.lifecycle) --------------------------------------------------
 
     async def start(self, *, serve: bool = True) -> None:
-        """Take the lock, load state, bind, enter plugin lifespans and start serving."""
-        from darkmatter import server
-        from darkmatter.outbox import Outbox
-
-        if self.stopping is None:
-            self.stopping = asyncio.Event()
-        name = self.config.storage
-        if name not in self.storages:
-            raise StartupError(f"Unknown storage {name!r} (DARKMATTER_STORAGE). Known: {', '.join(self.storages)}")
-        storage = self.storages[name]
-        self._lock = StateLock(Path(self.config.state_file))
-        self._lock.acquire()
-        try:
-            try:
-                self.state = await asyncio.to_thread(self._load_state, storage)
-            except StateError as exc:
-                raise StartupError(str(exc)) from None
-            self.identity = Identity.from_private_hex(self.state["private_key_hex"])
-            if serve:
-                self.socket = server.bind_socket(self.config.host, self.config.port)
-                self.port = self.socket.getsockname()[1]
-            apply_overrides(self.state, port=self.port, display_name=self.config.display_name,
-                            bio=self.config.bio, genesis=self.config.genesis)
-            self.token = await asyncio.to_thread(self._token)
-            self.persister = Persister(storage, lambda: self.state)
-            await self.save()
-            self._lock.write_info({"pid": os.getpid(), "port": self.port, "url": self.base_url,
-                                   "agent_id": self.agent_id})
-            self.net = Net(self.is_local, self.known_origin)
-            self.outbox = Outbox(self)
-            self._stack = contextlib.AsyncExitStack()
-            from darkmatter.mcp import McpServer
-
-            self.mcp = McpServer(self)
-            await self._stack.enter_async_context(self.mcp.lifespan())
-            for cm in reversed(self.pm.hook.dm_lifespan(node=self)):
-                if cm is not None:
-                    await self._stack.enter_async_context(cm)
-            self.outbox.start()
-            if self.config.discovery:
-                for source in self.discovery_sources:
-                    self.spawn(source.run(self.record_discovered), name=f"discovery-{source.name}")
-            if serve:
-                self._shutdown = asyncio.Event()
-                self._server_task = asyncio.get_running_loop().create_task(
-                    server.serve(self, self._shutdown), name=f"http-{self.port}")
-                await server.wait_ready(self)
-            self.started = True
-        except BaseException:
-            await self._teardown()
-            raise
+        """Take the lock, load state, bind (unless ``serve`` is false), enter plugin lifespans, serve."""
+        await lifecycle.start(self, serve=serve)
 
     async def stop(self) -> None:
-        if self.stopping is not None:
-            self.stopping.set()
-        await self._teardown()
-
-    async def _teardown(self) -> None:
-        if self._shutdown is not None:
-            self._shutdown.set()
-        if self._server_task is not None:
-            try:
-                await asyncio.wait_for(self._server_task, timeout=5)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
-                self._server_task.cancel()
-            self._server_task = None
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self._stack is not None:
-            try:
-                await self._stack.aclose()
-            except Exception:  # noqa: BLE001
-                log.exception("a plugin lifespan failed at shutdown")
-            self._stack = None
-        if self.outbox is not None:
-            await self.outbox.stop()
-        if self.persister is not None:
-            try:
-                await self.persister.flush()
-            except OSError as exc:
-                log.error("final state flush failed: %s", exc)
-            for storage in self.storages.values():
-                storage.close()
-        if self.net is not None:
-            await self.net.aclose()
-            self.net = None
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-        self.started = False
+        await lifecycle.stop(self)
 
     async def __aenter__(self) -> Node:
         await self.start()

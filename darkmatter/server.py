@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from darkmatter.errors import StartupError
 from darkmatter.wire import MAX_BODY, ProtocolError, is_loopback_host, loads_object
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ def read_timeout(node: Node) -> float:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind and listen on (host, port); port 0 picks a free one. Raises StartupError when taken."""
-    from darkmatter.node import StartupError
-
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -150,9 +149,8 @@ def build_app(node: Node) -> Any:
         return JSONResponse({"error": "Internal error", "code": "unavailable"}, status_code=503)
 
     routes = list(node.routes)
-    mcp = getattr(node, "mcp", None)
-    if mcp is not None:
-        routes.append(mcp.route())
+    if node.mcp is not None:
+        routes.append(node.mcp.route())
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, ProtocolError: protocol_error, Exception: internal_error})
     app.router.redirect_slashes = False  # §2.1: routes are exact and nothing redirects
@@ -179,7 +177,7 @@ def _hypercorn_config(node: Node) -> HypercornConfig:
 
 async def serve(node: Node, shutdown: asyncio.Event) -> None:
     app = build_app(node)
-    node._http_ready = asyncio.Event()  # type: ignore[attr-defined]
+    node.http_ready.clear()
 
     async def lifespan_app(scope, receive, send):
         if scope["type"] == "lifespan":
@@ -187,7 +185,7 @@ async def serve(node: Node, shutdown: asyncio.Event) -> None:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
-                    node._http_ready.set()  # type: ignore[attr-defined]
+                    node.http_ready.set()
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
@@ -198,10 +196,9 @@ async def serve(node: Node, shutdown: asyncio.Event) -> None:
 
 async def wait_ready(node: Node, timeout: float = 10.0) -> None:
     for _ in range(int(timeout * 100)):
-        ready = getattr(node, "_http_ready", None)
-        if ready is not None and ready.is_set():
+        if node.http_ready.is_set():
             return
-        task = node._server_task
+        task = node.server_task
         if task is not None and task.done():
             task.result()
         await asyncio.sleep(0.01)

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Iterable
 import httpx
 
 from darkmatter.config import Config
+from darkmatter.mesh import outbound
 from darkmatter.node import Node
 
 DEFAULT_PLUGINS = "http_transport"
@@ -60,9 +61,7 @@ async def node_context(directory: Path, **kwargs) -> AsyncIterator[Node]:
 
 async def connect(a: Node, b: Node) -> dict:
     """Connect a → b over the mesh (b must auto-accept, e.g. be genesis). Returns the tool result."""
-    from darkmatter import actions
-
-    result = await actions.request_connection(a, b.base_url)
+    result = await outbound.request_connection(a, b.base_url)
     if result.get("status") != "connected":
         raise AssertionError(f"connection {a.agent_id[:8]} -> {b.agent_id[:8]} failed: {result}")
     return result

@@ -6,6 +6,7 @@ Pure functions with no I/O, shared by the kernel and every transport.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -236,6 +237,9 @@ def age_seconds(value: Any) -> float | None:
 # --- URLs (§2.6) ---------------------------------------------------------------------------
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+# NOTE: ``memory`` addresses nodes of one process that share a memory transport (darkmatter.testing); a node
+# uses a URL only through a transport that handles its scheme, so an HTTP-only node never reaches one.
+SCHEMES = ("http", "https", "memory")
 
 
 def check_url(url: Any, field: str = "url") -> str:
@@ -251,7 +255,7 @@ def check_url(url: Any, field: str = "url") -> str:
         port = parts.port
     except ValueError:
         raise bad(f"Field '{field}' is not a valid URL") from None
-    if parts.scheme.lower() not in ("http", "https"):
+    if parts.scheme.lower() not in SCHEMES:
         raise bad(f"Field '{field}' must be an http or https URL")
     if not parts.hostname:
         raise bad(f"Field '{field}' has no host")
@@ -299,7 +303,7 @@ def origin_key(url: str) -> tuple[str, str, int, str]:
     host = parts.hostname
     if host in _LOOPBACK_NAMES:
         host = "loopback"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = parts.port or {"https": 443, "http": 80}.get(parts.scheme, 0)
     return (parts.scheme, host, port, parts.path)
 
 
@@ -333,8 +337,6 @@ def valid_host_header(host: Any) -> bool:
 
 def is_loopback_host(host: str) -> bool:
     """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets and port)."""
-    import ipaddress
-
     if not valid_host_header(host) and not valid_host_header(f"[{host}]"):
         return False
     name = host
@@ -406,3 +408,62 @@ def check_content(value: Any, field: str = "content") -> str:
     if len(value.encode("utf-8")) > MAX_CONTENT_BYTES:
         raise ProtocolError(413, "too_large", f"Content exceeds {MAX_CONTENT_BYTES} bytes")
     return value
+
+
+# --- address classes (§7.3) ----------------------------------------------------------------
+
+_NEVER_V4 = [ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "169.254.0.0/16", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32", "100.100.100.200/32")]
+_LOCAL_V4 = [ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")]
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_6TO4 = ipaddress.ip_network("2002::/16")
+_EC2_V6 = ipaddress.ip_address("fd00:ec2::254")
+
+
+def embedded_v4(ip: ipaddress._BaseAddress) -> ipaddress.IPv4Address | None:
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _6TO4:
+        return ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF)
+    return None
+
+
+def classify(address: str) -> str:
+    """``global``, ``local`` (loopback or private) or ``never`` (§7.3)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "never"
+    v4 = embedded_v4(ip)
+    if v4 is not None:
+        if any(v4 in n for n in _NEVER_V4):
+            return "never"
+        if any(v4 in n for n in _LOCAL_V4):
+            return "local"
+        return "global" if v4.is_global else "never"
+    # NOTE: ::1 lies inside ::/8, which ipaddress counts as reserved: test loopback first.
+    if ip.is_loopback:
+        return "local"
+    if ip == _EC2_V6 or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        return "never"
+    if ip in ipaddress.ip_network("fc00::/7") or ip.is_site_local:  # fec0::/10: deprecated site-local
+        return "local"
+    if ip in ipaddress.ip_network("2001:db8::/32"):
+        return "never"
+    return "global" if ip.is_global else "never"
+
+
+def literal_class(host: str) -> str | None:
+    """The class of a literal-address host, None for a name."""
+    name = host.strip("[]")
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return None
+    return classify(name)

@@ -45,7 +45,7 @@ def test_replay_skips_records_the_snapshot_already_holds_and_stops_at_a_torn_lin
 
 
 async def test_webhook_updates_and_responses_are_journaled_and_survive_a_crash(tmp_path):
-    from darkmatter import actions
+    from darkmatter.mesh import outbound as actions
     from darkmatter.testing import mesh
 
     async with mesh(tmp_path, 3) as (a, b, c):

@@ -17,7 +17,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from darkmatter import actions
+from darkmatter.mesh import outbound as actions
 from darkmatter.testing import client, mesh, node_context
 
 pytestmark = pytest.mark.anyio

@@ -18,7 +18,7 @@ import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from darkmatter import actions
+from darkmatter.mesh import outbound as actions
 from darkmatter.testing import env_for_tests, mesh, node_context
 
 pytestmark = pytest.mark.anyio

@@ -23,7 +23,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from darkmatter import actions
+from darkmatter.mesh import outbound as actions
 from darkmatter.state import read_lock_info
 from darkmatter.testing import env_for_tests, node_context
 

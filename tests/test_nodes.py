@@ -135,7 +135,7 @@ async def until(predicate, timeout: float = 15.0) -> None:
 async def test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer(tmp_path):
     """A -> B -> C over real HTTP between three nodes of one process; every event hook fires on the
     node where it happened, and each node keeps its own state."""
-    from darkmatter import actions
+    from darkmatter.mesh import outbound as actions
 
     recorder = Recorder()
     async with mesh(tmp_path, 3, connect_as="chain", plugins="http_transport", extra=[recorder]) as (a, b, c):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from darkmatter import actions, hookimpl
-from darkmatter.healing import fetch_well_known
-from darkmatter.mesh import hops_remaining
+from darkmatter import hookimpl
+from darkmatter.mesh import outbound as actions
+from darkmatter.mesh.healing import fetch_well_known
+from darkmatter.mesh.inbound import hops_remaining
 from darkmatter.tools import Tool, ToolError, boolean, integer, obj, string
 from darkmatter.wire import MAX_CONTENT_BYTES, MAX_IMPRESSION, MAX_NOTE, ProtocolError, check_url, normalize
 

@@ -20,7 +20,7 @@ from dm_acceptance import NodeProcess, figure, wait_for
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from darkmatter import actions
+from darkmatter.mesh import outbound as actions
 from darkmatter.builtin.json_storage import JsonFileStorage
 from darkmatter.identity import v1_string, v2_string, v2_webhook_update
 from darkmatter.testing import RawPeer, connect, make_node, mesh, node_context

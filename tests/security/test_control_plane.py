@@ -13,7 +13,7 @@ from dm_acceptance import raw_http
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from darkmatter import actions
+from darkmatter.mesh import outbound as actions
 from darkmatter.testing import RawPeer, node_context
 
 pytestmark = pytest.mark.anyio

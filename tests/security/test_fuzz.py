@@ -27,7 +27,7 @@ from dm_acceptance import CaptureServer, ThreadNode, figure, raw_http_sync
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from darkmatter import actions
+from darkmatter.mesh import outbound as actions
 from darkmatter.identity import peer_update_string, v1_string, v2_message, v2_string, v2_webhook_update
 from darkmatter.testing import RawPeer
 from darkmatter.wire import h, new_message_id, now_iso

@@ -13,7 +13,7 @@ import pytest
 from dm_acceptance import Answer, CaptureServer, NodeProcess, free_port, sign_peer_update, wait_for, \
     well_known_doc
 
-from darkmatter import actions
+from darkmatter.mesh import outbound as actions
 from darkmatter.identity import v1_string, v2_message, v2_string
 from darkmatter.testing import RawPeer, node_context
 from darkmatter.wire import new_message_id, now_iso

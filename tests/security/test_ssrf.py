@@ -1,7 +1,7 @@
 """Outbound request safety (docs/protocol.md §7, §2.6, §6.1, §13.3): webhook shape, address classes, redirects,
 resolver failures, rebinding, slow and huge answers.
 
-Address classes are checked at unit level on ``darkmatter.net.classify`` and end to end: a message whose
+Address classes are checked at unit level on ``darkmatter.wire.classify`` and end to end: a message whose
 webhook points at a blocked literal is never answered or forwarded ("Webhook blocked"), and a capture
 server on another loopback port shows what actually left the node.
 """
@@ -14,8 +14,10 @@ import time
 import pytest
 from dm_acceptance import Answer, CaptureServer, sign_peer_update, wait_for, well_known_doc
 
-from darkmatter import actions
-from darkmatter.net import Net, classify, literal_class
+from darkmatter.mesh import outbound as actions
+from darkmatter.mesh.dispatch import call
+from darkmatter.wire import classify, literal_class
+from darkmatter_http_transport.client import Net
 from darkmatter.testing import RawPeer, node_context
 from darkmatter.tools import ToolError
 from darkmatter.wire import new_message_id, now_iso
@@ -187,7 +189,7 @@ async def test_redirects_from_webhooks_and_well_known_are_not_followed(tmp_path)
 
 async def test_a_name_is_resolved_once_and_the_request_keeps_its_host_header(tmp_path):
     async with CaptureServer() as srv, node_context(tmp_path) as node:
-        reply = await node.net.request("GET", f"http://localhost:{srv.port}/__darkmatter__/status", strict=True)
+        reply = await call(node, "GET", f"http://localhost:{srv.port}/__darkmatter__/status", strict=True)
         assert reply.status == 200
         assert srv.requests[0].headers["host"] == f"localhost:{srv.port}"
 
@@ -202,7 +204,7 @@ async def test_huge_answers_are_cut_at_the_read_cap(tmp_path):
             CaptureServer(lambda req: Answer(huge=ten_mib, chunked=True)) as chunked:
         for srv in (sized, chunked):
             started = time.monotonic()
-            reply = await node.net.request("GET", srv.url + "/.well-known/darkmatter.json", max_bytes=64 * 1024)
+            reply = await call(node, "GET", srv.url + "/.well-known/darkmatter.json", max_bytes=64 * 1024)
             assert reply.status is None and "larger than" in reply.error
             assert time.monotonic() - started < 10
             result = await actions.request_connection(node, srv.url)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from darkmatter import actions
+from darkmatter.mesh import outbound as actions
 from darkmatter.identity import v2_webhook_update
 from darkmatter.testing import RawPeer, client, mesh
 from darkmatter.wire import now_iso

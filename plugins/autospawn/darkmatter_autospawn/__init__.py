@@ -12,30 +12,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from typing import Any, AsyncIterator
 
-from darkmatter import hookimpl
+from darkmatter.api import hookimpl
 
 from darkmatter_autospawn import settings as _settings
 from darkmatter_autospawn.spawner import Spawner
 
 log = logging.getLogger("darkmatter_autospawn")
 
-# One spawner per started node (several nodes can share this process and this module).
-_spawners: "weakref.WeakKeyDictionary[Any, Spawner]" = weakref.WeakKeyDictionary()
+NAME = "autospawn"
+
+
+class _Slot:
+    """The node's running spawner (several nodes can share this process and this module)."""
+
+    spawner: Spawner | None = None
+
+
+def _slot(node: Any) -> _Slot:
+    return node.plugin_state(NAME, _Slot)
 
 
 def spawner_for(node: Any) -> Spawner | None:
     """The node's running spawner, or None when autospawn is off for it."""
-    return _spawners.get(node)
+    return _slot(node).spawner
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(node: Any, config: _settings.Settings) -> AsyncIterator[None]:
     await asyncio.to_thread(_settings.check_paths, config)
     spawner = Spawner(node, config)
-    _spawners[node] = spawner
+    _slot(node).spawner = spawner
     log.info("autospawn: on (command %s, at most %d at once and %d per %gs, timeout %gs)",
              config.command[0], config.max_concurrent, config.max_per_hour, config.window, config.timeout)
     try:
@@ -44,7 +52,7 @@ async def _lifespan(node: Any, config: _settings.Settings) -> AsyncIterator[None
         try:
             await spawner.aclose()
         finally:
-            _spawners.pop(node, None)
+            _slot(node).spawner = None
 
 
 @hookimpl
@@ -62,12 +70,12 @@ def dm_lifespan(node):
 
 @hookimpl
 def dm_on_message_received(node, message):
-    spawner = _spawners.get(node)
+    spawner = spawner_for(node)
     if spawner is not None:
         spawner.offer(message)  # queues and starts tasks; never waits for an agent
 
 
 @hookimpl
 def dm_status_lines(node):
-    spawner = _spawners.get(node)
+    spawner = spawner_for(node)
     return spawner.status_lines() if spawner is not None else None

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from darkmatter.config import Config, ConfigError
+from darkmatter.api import Config, ConfigError
 
 # The MCP server name the spawned agent is given; Claude Code names the tools ``mcp__darkmatter__*``.
 MCP_SERVER_NAME = "darkmatter"

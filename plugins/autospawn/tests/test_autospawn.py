@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from darkmatter import actions
+from darkmatter import api as actions
 from darkmatter.config import ConfigError
 from darkmatter.testing import RawPeer, client, connect, make_node, node_context
 

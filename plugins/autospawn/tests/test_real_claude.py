@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from darkmatter import actions
+from darkmatter import api as actions
 from darkmatter.testing import connect, node_context
 
 from darkmatter_autospawn import spawner_for

@@ -19,10 +19,8 @@ import socket
 import time
 from typing import Any, Callable
 
-from darkmatter import PROTOCOL_VERSION, hookimpl
-from darkmatter.config import ConfigError
-from darkmatter.identity import v2_beacon, verify
-from darkmatter.wire import FRESH_SECONDS, MAX_ID, is_self_certifying
+from darkmatter.api import (FRESH_SECONDS, MAX_ID, PROTOCOL_VERSION, ConfigError, hookimpl, is_self_certifying,
+                            v2_beacon, verify)
 
 __version__ = "0.3.0"
 

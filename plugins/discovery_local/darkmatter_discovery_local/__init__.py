@@ -16,16 +16,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from darkmatter import hookimpl
-from darkmatter.tools import Tool
-from darkmatter.wire import is_self_certifying
+from darkmatter.api import Tool, call, hookimpl, is_self_certifying
 
 __version__ = "0.3.0"
 
 log = logging.getLogger(__name__)
 
 SCAN_TIMEOUT = 0.5
-CONNECT_TIMEOUT = 0.25
 MAX_BYTES = 64 * 1024
 WELL_KNOWN = "/.well-known/darkmatter.json"
 MAX_ID = 128
@@ -110,11 +107,8 @@ class LocalScan:
         self.scans += 1
 
     async def _probe(self, port: int) -> dict | None:
-        net = self.node.net
-        if net is None:
-            return None
-        reply = await net.request("GET", f"http://127.0.0.1:{port}{WELL_KNOWN}", timeout=SCAN_TIMEOUT,
-                                  connect_timeout=CONNECT_TIMEOUT, max_bytes=MAX_BYTES)
+        reply = await call(self.node, "GET", f"http://127.0.0.1:{port}{WELL_KNOWN}", timeout=SCAN_TIMEOUT,
+                           max_bytes=MAX_BYTES)
         if reply.status != 200:
             return None
         return entry_from_document(reply.body, port, self.node.agent_id)

@@ -74,7 +74,7 @@ def scanning_node(tmp_path, ports, **env):
     settings = {"DARKMATTER_DISCOVERY": "true", "DARKMATTER_DISCOVERY_PORTS": ",".join(map(str, ports)),
                 "DARKMATTER_DISCOVERY_INTERVAL": "3600"}
     settings.update(env)
-    return make_node(tmp_path / "scanner", plugins="discovery_local", **settings)
+    return make_node(tmp_path / "scanner", plugins="http_transport,discovery_local", **settings)
 
 
 def local_source(node) -> LocalScan:

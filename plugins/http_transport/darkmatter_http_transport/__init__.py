@@ -1,13 +1,16 @@
 """The DarkMatter mesh protocol over HTTP: the mesh routes, the HTTP transport and mesh upkeep.
 
-Routes map docs/protocol.md §4 endpoints onto the kernel's transport-neutral handlers (``darkmatter.mesh``);
-the transport carries ``/message`` envelopes to connections with the node's pooled client; the lifespan
-runs the health loop (§6.4), address-change detection (§6.5) and the optional UPnP mapping (§6.6).
+Routes map docs/protocol.md §4 endpoints onto the kernel's one inbound entry (``darkmatter.api.handle``);
+the transport carries every outbound request and envelope with one pooled client that applies the §7.3
+address policy; the lifespan runs the health loop (§6.4), address-change detection (§6.5) and the optional
+UPnP mapping (§6.6), and closes the client at shutdown.
 """
 
 from __future__ import annotations
 
-from darkmatter import hookimpl
+import contextlib
+
+from darkmatter.api import hookimpl
 
 from darkmatter_http_transport import bootstrap
 from darkmatter_http_transport.routes import build_routes
@@ -29,14 +32,32 @@ def dm_register_tools(register, node):
     register(bootstrap.server_template_tool())
 
 
+def transport_of(node) -> HttpTransport:
+    return node.plugin_state("http_transport", lambda: HttpTransport(node))
+
+
 @hookimpl
 def dm_register_transports(register, node):
-    register(HttpTransport(node))
+    register(transport_of(node))
+
+
+@contextlib.asynccontextmanager
+async def client_lifespan(node):
+    transport = transport_of(node)
+    transport.open()
+    try:
+        yield
+    finally:
+        await transport.aclose()
 
 
 @hookimpl
 def dm_lifespan(node):
-    return bootstrap.lifespan(node, lifespan(node))
+    @contextlib.asynccontextmanager
+    async def composed():
+        async with client_lifespan(node), bootstrap.lifespan(node, lifespan(node)):
+            yield
+    return composed()
 
 
 @hookimpl

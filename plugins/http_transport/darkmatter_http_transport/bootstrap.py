@@ -38,11 +38,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from darkmatter import PROTOCOL_VERSION, __version__, mesh
-from darkmatter.plugins import GROUP, active_plugins
-from darkmatter.server import error_response
-from darkmatter.tools import Tool
-from darkmatter.wire import ProtocolError
+from darkmatter.api import (GROUP, PROTOCOL_VERSION, ProtocolError, Tool, __version__, active_plugins, agent_url_for,
+                            error_response, rate_key)
 
 from darkmatter_http_transport.templates import SHELL_TEMPLATE, PY_COMMON, PY_CLI, SERVER_HEAD, PY_MAIN
 
@@ -286,7 +283,7 @@ def origin_for(node, request: Request) -> str:
     """§4.2/§4.11: the URL the requester used when its Host passes the pattern, else the node's own."""
     from darkmatter_http_transport.routes import caller_of
 
-    url = mesh.agent_url_for(node, caller_of(request)).rstrip("/")
+    url = agent_url_for(node, caller_of(request)).rstrip("/")
     return url if SAFE_ORIGIN.match(url) else node.base_url.rstrip("/")
 
 
@@ -368,7 +365,7 @@ def build_routes(node) -> list[Route]:
         from darkmatter_http_transport.routes import caller_of
 
         try:
-            node.rate.check("get_ip", *mesh.rate_key(caller_of(request), None))
+            node.rate.check("get_ip", *rate_key(caller_of(request), None))
         except ProtocolError as exc:
             return error_response(exc)
         return None

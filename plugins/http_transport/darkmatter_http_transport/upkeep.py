@@ -9,17 +9,15 @@ import random
 import socket
 import time
 
-from darkmatter import healing
-from darkmatter.net import literal_class
-from darkmatter.wire import endpoint, host_of
+from darkmatter.api import SMALL, broadcast_peer_update, call, endpoint, host_of, literal_class, recover
 
 log = logging.getLogger(__name__)
 
 
 async def check_health(node, conn: dict) -> bool:
     path = "/__darkmatter__/status"
-    reply = await node.net.request("GET", endpoint(conn["agent_url"], "status"), timeout=10.0,
-                                   max_bytes=64 * 1024, headers=node.signed_get_headers(path, conn["agent_id"]))
+    reply = await call(node, "GET", endpoint(conn["agent_url"], "status"), timeout=10.0, max_bytes=SMALL,
+                       headers=node.signed_get_headers(path, conn["agent_id"]))
     healthy = reply.status == 200 and isinstance(reply.body, dict) and reply.body.get("agent_id") == conn["agent_id"]
     if conn["agent_id"] not in node.connections:
         return healthy
@@ -33,7 +31,7 @@ async def check_health(node, conn: dict) -> bool:
             log.warning("connection %s unreachable after 3 health checks (%s)", conn["agent_id"][:16],
                         reply.describe())
         if conn["health_failures"] >= 3:
-            node.spawn(healing.recover(node, conn["agent_id"]), name="peer-lookup")
+            node.spawn(recover(node, conn["agent_id"]), name="peer-lookup")
     if (before == 0) != healthy or (not healthy and conn["health_failures"] == 3):
         node.save_soon()
         await node.emit("dm_on_connection_changed", agent_id=conn["agent_id"], event="health")
@@ -71,7 +69,7 @@ def lan_address() -> str | None:
 
 
 async def public_ip(node, lookup_url: str) -> str | None:
-    reply = await node.net.request("GET", lookup_url, timeout=5.0, max_bytes=4096)
+    reply = await call(node, "GET", lookup_url, timeout=5.0, max_bytes=4096)
     if reply.ok and isinstance(reply.body.get("ip"), str):
         ip = reply.body["ip"].strip()
         if literal_class(ip) in ("global", "local"):
@@ -95,7 +93,7 @@ async def address_loop(node, interval: float, lookup_url: str) -> None:
             node.state["lan_url"] = f"http://{host}:{node.state.get('upnp_port') or node.port}"
         if node.base_url != old or (node.state.get("last_public_url") and node.state["last_public_url"] != node.base_url):
             log.info("own URL changed from %s to %s; broadcasting peer_update", old, node.base_url)
-            node.spawn(healing.broadcast_peer_update(node), name="peer-update")
+            node.spawn(broadcast_peer_update(node), name="peer-update")
         node.state["last_public_url"] = node.base_url
         node.save_soon()
         await asyncio.sleep(interval)
@@ -164,7 +162,7 @@ async def lifespan(node):
                                 lookup), name="address")
     elif node.state.get("last_public_url") and node.state["last_public_url"] != node.base_url and node.connections:
         # A restart on a new port or with a new DARKMATTER_PUBLIC_URL (§6.3 sender).
-        node.spawn(healing.broadcast_peer_update(node), name="peer-update")
+        node.spawn(broadcast_peer_update(node), name="peer-update")
     else:
         node.state["last_public_url"] = node.base_url
     try:

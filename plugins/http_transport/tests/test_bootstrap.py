@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from darkmatter import PROTOCOL_VERSION, __version__, actions
+from darkmatter import PROTOCOL_VERSION, __version__
+from darkmatter import api as actions
 from darkmatter.testing import client, node_context
 from darkmatter.tools import Session
 from darkmatter_http_transport import bootstrap

@@ -2,7 +2,7 @@
 
 import pytest
 
-from darkmatter import actions
+from darkmatter import api as actions
 from darkmatter.testing import RawPeer, client, node_context
 from darkmatter.tools import ToolError
 

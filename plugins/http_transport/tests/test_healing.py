@@ -5,7 +5,7 @@ import contextlib
 
 import pytest
 
-from darkmatter import actions
+from darkmatter import api as actions
 from darkmatter.testing import RawPeer, connect, make_node
 
 pytestmark = pytest.mark.anyio

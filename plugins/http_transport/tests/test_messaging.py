@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from darkmatter import actions
+from darkmatter import api as actions
 from darkmatter.identity import v2_webhook_update
 from darkmatter.testing import RawPeer, client, mesh, node_context
 from darkmatter.tools import ToolError

@@ -29,7 +29,7 @@ from typing import Self
 import pytest
 from darkmatter_http_transport import upkeep
 
-from darkmatter import actions
+from darkmatter import api as actions
 from darkmatter.testing import RawPeer, connect, make_node
 from darkmatter.tools import Session
 

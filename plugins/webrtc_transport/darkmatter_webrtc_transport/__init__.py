@@ -13,10 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from darkmatter import hookimpl
-from darkmatter.server import error_response, read_json
-from darkmatter.tools import Tool, ToolError, string
-from darkmatter.wire import ProtocolError
+from darkmatter.api import ProtocolError, Tool, ToolError, error_response, hookimpl, read_json, string
 
 from darkmatter_webrtc_transport import signalling
 from darkmatter_webrtc_transport.transport import NAME, WebRTCTransport

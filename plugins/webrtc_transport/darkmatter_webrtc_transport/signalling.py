@@ -13,11 +13,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from darkmatter import mesh
-from darkmatter.identity import v2_string, verify
-from darkmatter.tools import ToolError
-from darkmatter.wire import (ProtocolError, check_id, endpoint, forbidden, h, is_fresh, is_self_certifying,
-                             now_iso)
+from darkmatter.api import (ProtocolError, ToolError, call, check_id, endpoint, forbidden, h, is_fresh,
+                            is_self_certifying, known_03, mark_03, now_iso, v2_string, verify)
 
 from darkmatter_webrtc_transport.link import LABEL, Link
 
@@ -96,8 +93,8 @@ async def _open_as_offerer(manager: WebRTCTransport, rtc: Any, link: Link, conn:
     ts = now_iso()
     body = {"from_agent_id": node.agent_id, "to_agent_id": agent_id, "sdp_offer": sdp, "timestamp": ts,
             "signature_v2_hex": node.sign_v2("webrtc_offer", node.agent_id, agent_id, ts, h(sdp))}
-    reply = await node.net.request("POST", endpoint(conn["agent_url"], "webrtc_offer"), json_body=body,
-                                   timeout=OFFER_TIMEOUT, max_bytes=4 * MAX_SDP)
+    reply = await call(node, "POST", endpoint(conn["agent_url"], "webrtc_offer"), body=body, timeout=OFFER_TIMEOUT,
+                       max_bytes=4 * MAX_SDP)
     if not reply.ok:
         hint = " (the peer has no WebRTC support)" if reply.status in (404, 501) else ""
         raise ToolError(f"{_short(agent_id)} did not accept the WebRTC offer: {reply.describe()}{hint}. "
@@ -132,9 +129,9 @@ def verify_answer(node, conn: dict, body: dict) -> str:
             raise ToolError(f"Refused the WebRTC answer of {_short(agent_id)}: stale or missing timestamp.")
         if not isinstance(signature, str) or not verify(key, text, signature):
             raise ToolError(f"Refused the WebRTC answer of {_short(agent_id)}: invalid signature.")
-        mesh.mark_03(conn)
+        mark_03(conn)
         return sdp
-    if signature in (None, "") and (mesh.known_03(conn) or is_self_certifying(agent_id)):
+    if signature in (None, "") and (known_03(conn) or is_self_certifying(agent_id)):
         raise ToolError(f"Refused the WebRTC answer of {_short(agent_id)}: a 0.3 peer must sign it.")
     return sdp  # a legacy peer: unsigned, or keyless so nothing to verify with
 
@@ -158,7 +155,7 @@ async def answer(manager: WebRTCTransport, body: dict) -> dict:
     key = node.key_of(from_id)
     if key is not None:
         check_offer_signature(node, key, from_id, sdp, body)
-        mesh.mark_03(conn)
+        mark_03(conn)
     node.rate.check("webrtc_offer", from_id)
     if not has_datachannel(sdp):
         raise ProtocolError(400, "invalid_field", "Invalid sdp_offer: no data channel section")

@@ -19,16 +19,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from darkmatter import mesh
-from darkmatter.config import ConfigError
-from darkmatter.transport import Reply, TransportUnavailable
-from darkmatter.wire import MAX_BODY, ProtocolError, forbidden, loads_object
+from darkmatter.api import (MAX_BODY, Blocked, Caller, ConfigError, ProtocolError, Reply, TransportUnavailable,
+                            forbidden, handle, known_03, loads_object)
 
 from darkmatter_webrtc_transport.link import (ACK_PATH, MAX_FRAME, MESSAGE_PATH, Link, dumps, frame_overhead,
                                               new_frame_id)
 
 if TYPE_CHECKING:
-    from darkmatter.node import Node
+    from darkmatter.api import Node
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +97,16 @@ class WebRTCTransport:
 
     # --- Transport protocol --------------------------------------------------------------------
 
+    # A data channel rides on an existing connection: it reaches no URL by itself.
+    def handles(self, url: str) -> bool:
+        return False
+
+    async def check(self, url: str, strict: bool) -> None:
+        raise Blocked("the WebRTC transport reaches no URL")
+
+    async def request(self, method: str, url: str, **options: Any) -> Reply:
+        raise TransportUnavailable("the WebRTC transport carries envelopes to connections only")
+
     def can_send(self, connection: dict, size: int) -> bool:
         link = self.links.get(connection.get("agent_id", ""))
         return link is not None and link.is_open and size + self._overhead <= MAX_FRAME
@@ -115,7 +123,7 @@ class WebRTCTransport:
         if len(text.encode("utf-8")) > MAX_FRAME:
             raise TransportUnavailable(f"frame larger than {MAX_FRAME} bytes")
         started = time.monotonic()
-        if not mesh.known_03(connection):
+        if not known_03(connection):
             try:
                 link.send_text(text)
             except Exception as exc:  # noqa: BLE001 - aiortc raises InvalidStateError on a closed channel
@@ -240,8 +248,8 @@ class WebRTCTransport:
             sender = payload.get("from_agent_id")
             if isinstance(sender, str) and sender and sender != link.agent_id:
                 raise forbidden("This data channel belongs to another agent than from_agent_id")
-            caller = mesh.Caller(ip=link.remote_ip(), transport=NAME)
-            return 200, await mesh.message(self.node, payload, caller)
+            caller = Caller(ip=link.remote_ip(), transport=NAME)
+            return 200, await handle(self.node, "message", caller, payload)
         except ProtocolError as exc:
             return exc.status, exc.body()
         except Exception:  # noqa: BLE001 - bad input never gets a stack trace; the sender may retry

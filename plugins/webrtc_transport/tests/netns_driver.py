@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from darkmatter import actions, hookimpl
+from darkmatter import api as actions, hookimpl
 from darkmatter.identity import Identity, v2_string
 from darkmatter.testing import connect, make_node
 from darkmatter.tools import Session, ToolError

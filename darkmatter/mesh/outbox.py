@@ -18,14 +18,19 @@ import logging
 import random
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from darkmatter.identity import v1_string, v2_message, v2_webhook_update
-from darkmatter.transport import Reply, TransportUnavailable
-from darkmatter.wire import ProtocolError, cj, endpoint, now_iso, webhook_problem
+from darkmatter.mesh import healing
+from darkmatter.mesh.dispatch import call, deliver
+from darkmatter.mesh.transport import SMALL, Reply
+from darkmatter.wire import ProtocolError, endpoint, now_iso, webhook_problem
 
 if TYPE_CHECKING:
     from darkmatter.node import Node
+
+# Called with (node, entry, reply) after an attempt that will be retried, and after an entry finished.
+Callback = Callable[["Node", dict, Reply], None]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,13 @@ SLOT_SECONDS = 1.0  # an attempt still waiting for its answer after this long no
 
 
 class Outbox:
-    def __init__(self, node: Node):
+    """The node's outbox. ``on_progress`` and ``on_finished`` report outcomes to whoever filled it (the
+    outbound operations); the outbox itself knows nothing of what its entries mean."""
+
+    def __init__(self, node: Node, on_progress: Callback, on_finished: Callback):
         self.node = node
+        self.on_progress = on_progress
+        self.on_finished = on_finished
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task] = {}
         self._done: dict[str, asyncio.Future] = {}
@@ -55,7 +65,7 @@ class Outbox:
         # Restarts: message/forward entries whose recipient is gone fail (§5.2).
         for entry in list(self.entries):
             if entry["kind"] in ("message", "forward") and entry.get("target_agent_id") not in self.node.connections:
-                self._finish(entry, "failed", Reply(None, error="recipient is no longer a connection"))
+                self.finish(entry, "failed", Reply(None, error="recipient is no longer a connection"))
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="outbox")
 
     async def stop(self) -> None:
@@ -185,7 +195,7 @@ class Outbox:
             if entry not in self.entries:
                 return
             if time.time() > entry["deadline"] and entry["attempts"] > 0:
-                self._finish(entry, "failed", Reply(None, error=entry.get("last_error") or "retry deadline passed"))
+                self.finish(entry, "failed", Reply(None, error=entry.get("last_error") or "retry deadline passed"))
                 return
             entry["attempts"] += 1
             try:
@@ -206,7 +216,7 @@ class Outbox:
                 if reply.retry_after:
                     delay = max(delay, min(reply.retry_after, 600.0))
                 if time.time() + delay > entry["deadline"]:
-                    self._finish(entry, "failed", reply)
+                    self.finish(entry, "failed", reply)
                     return
                 entry["next_attempt_at"] = time.time() + delay
                 self._record_progress(entry, reply)
@@ -214,29 +224,25 @@ class Outbox:
                 self.node.save_soon()
                 if reply.error_kind == "connect" and entry.get("target_agent_id") in self.node.connections \
                         and entry["kind"] in ("message", "forward"):
-                    from darkmatter import healing
-
-                    self.node.spawn(self._recover(healing, entry["target_agent_id"]), name="peer-lookup")
+                    self.node.spawn(self._recover(entry["target_agent_id"]), name="peer-lookup")
                 return
-            self._finish(entry, "delivered" if kind == "delivered" else "failed", reply)
+            self.finish(entry, "delivered" if kind == "delivered" else "failed", reply)
 
-    async def _recover(self, healing, agent_id: str) -> None:
+    async def _recover(self, agent_id: str) -> None:
         # NOTE: one peer_lookup fan-out (§6.2) at a time: each asks up to 50 connections at once, and a
         # broadcast that finds 10 peers dead used to start 10 fan-outs (490 requests) together, which held
         # the event loop for seconds (the broadcast call itself answered ~2 s late). Each waits its turn.
         async with self._recovering:
             await healing.recover(self.node, agent_id)
 
-    def _finish(self, entry: dict, state: str, reply: Reply) -> None:
+    def finish(self, entry: dict, state: str, reply: Reply) -> None:
         entry["state"] = state
         entry["last_status"] = reply.status
         entry["last_error"] = None if state == "delivered" else (reply.describe() if reply else None)
         if entry in self.entries:
             self.entries.remove(entry)
         try:
-            from darkmatter import actions
-
-            actions.on_outbox_finished(self.node, entry, reply)
+            self.on_finished(self.node, entry, reply)
         except Exception:  # noqa: BLE001
             log.exception("outbox completion handler failed for %s", entry.get("kind"))
         self.node.save_soon()
@@ -253,9 +259,7 @@ class Outbox:
             event.set()
 
     def _record_progress(self, entry: dict, reply: Reply) -> None:
-        from darkmatter import actions
-
-        actions.on_outbox_progress(self.node, entry, reply)
+        self.on_progress(self.node, entry, reply)
 
     # --- building and sending ------------------------------------------------------------------
 
@@ -270,23 +274,21 @@ class Outbox:
                 return Reply(None, error="recipient is no longer a connection", error_kind="invalid")
             body = self.sign_message(conn, payload)
             self._tried_url[entry["id"]] = conn.get("agent_url")
-            return await node_deliver(node, conn, "/__darkmatter__/message", body)
+            return await deliver(node, conn, "/__darkmatter__/message", body)
         if kind in ("response", "webhook_update"):
             url = entry["url"]
             problem = webhook_problem(url, entry["message_id"])
             if problem:
                 return Reply(None, error=f"Webhook blocked: {problem}", error_kind="blocked")
             body = self.sign_update(entry["message_id"], payload)
-            return await node.net.request("POST", url, json_body=body, timeout=15.0, strict=True,
-                                          max_bytes=64 * 1024)
+            return await call(node, "POST", url, body=body, timeout=15.0, strict=True, max_bytes=SMALL)
         if kind == "connection_accepted":
             body = dict(payload)
             body["timestamp"] = now_iso()
             body["signature_v2_hex"] = node.sign_v2(
                 "connection_accepted", body["agent_id"], body["agent_url"], body["agent_public_key_hex"],
                 entry["target_agent_id"], body["timestamp"])
-            return await node.net.request("POST", endpoint(entry["url"], "connection_accepted"),
-                                          json_body=body, timeout=15.0)
+            return await call(node, "POST", endpoint(entry["url"], "connection_accepted"), body=body, timeout=15.0)
         return Reply(None, error=f"unknown outbox kind {kind!r}", error_kind="invalid")
 
     def sign_message(self, conn: dict, payload: dict) -> dict:
@@ -321,21 +323,4 @@ class Outbox:
         body["signature_v2_hex"] = node.sign(v2_webhook_update(
             message_id, body["type"], body["agent_id"], body.get("target_agent_id"), ts, text, metadata))
         return body
-
-
-async def node_deliver(node: Node, conn: dict, path: str, body: dict) -> Reply:
-    """Dispatch to the transports in priority order (STYLE §4), falling back on TransportUnavailable."""
-    size = len(cj(body).encode("utf-8"))
-    last: Reply | None = None
-    for transport in node.transports:
-        try:
-            if not transport.can_send(conn, size):
-                continue
-            return await transport.send(conn, path, body)
-        except TransportUnavailable as exc:
-            last = Reply(None, error=str(exc) or f"{transport.name} unavailable", error_kind="connect",
-                         transport=transport.name)
-            continue
-    return last or Reply(None, error="no transport can reach this peer (is http_transport loaded?)",
-                         error_kind="invalid")
 

@@ -9,6 +9,8 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from darkmatter.identity import peer_update_string
+from darkmatter.mesh.dispatch import call
+from darkmatter.mesh.transport import SMALL
 from darkmatter.wire import endpoint, now_iso, origin_key, try_normalize
 
 if TYPE_CHECKING:
@@ -21,8 +23,8 @@ RECOVERY_INTERVAL = 60.0
 
 async def fetch_well_known(node: Node, base: str, *, strict: bool = True) -> dict | None:
     """GET {base}/.well-known/darkmatter.json (5 s, no redirects, ≤ 64 KiB); the document or None."""
-    reply = await node.net.request("GET", base + "/.well-known/darkmatter.json", timeout=5.0,
-                                   max_bytes=64 * 1024, strict=strict)
+    reply = await call(node, "GET", base + "/.well-known/darkmatter.json", timeout=5.0, max_bytes=SMALL,
+                       strict=strict)
     if reply.status == 200 and isinstance(reply.body, dict) and reply.body.get("darkmatter") is True:
         return reply.body
     return None
@@ -51,8 +53,7 @@ async def recover(node: Node, agent_id: str) -> bool:
     if conn is None or node.key_of(agent_id) is None:
         return False
     now = time.monotonic()
-    last = getattr(node, "_recovery_at", {})
-    node._recovery_at = last  # type: ignore[attr-defined]
+    last = node.recovery_at
     if now - last.get(agent_id, -RECOVERY_INTERVAL) < RECOVERY_INTERVAL:
         return False
     last[agent_id] = now
@@ -62,9 +63,8 @@ async def recover(node: Node, agent_id: str) -> bool:
     path = "/__darkmatter__/peer_lookup/" + agent_id
 
     async def ask(peer: dict):
-        return await node.net.request("GET", endpoint(peer["agent_url"], "peer_lookup", agent_id), timeout=5.0,
-                                      max_bytes=64 * 1024,
-                                      headers=node.signed_get_headers(path, peer["agent_id"]))
+        return await call(node, "GET", endpoint(peer["agent_url"], "peer_lookup", agent_id), timeout=5.0,
+                          max_bytes=SMALL, headers=node.signed_get_headers(path, peer["agent_id"]))
 
     tasks = [asyncio.ensure_future(ask(p)) for p in others]
     done, pending = await asyncio.wait(tasks, timeout=6.0)
@@ -102,8 +102,8 @@ async def broadcast_peer_update(node: Node) -> dict[str, str]:
         ts = now_iso()
         body = {"agent_id": node.agent_id, "new_url": new_url, "public_key_hex": node.public_key_hex,
                 "timestamp": ts, "signature": node.sign(peer_update_string(node.agent_id, new_url, ts))}
-        reply = await node.net.request("POST", endpoint(conn["agent_url"], "peer_update"), json_body=body,
-                                       timeout=5.0, max_bytes=64 * 1024)
+        reply = await call(node, "POST", endpoint(conn["agent_url"], "peer_update"), body=body, timeout=5.0,
+                           max_bytes=SMALL)
         if reply.classification == "transient" and retry:
             await asyncio.sleep(30)
             if node.base_url != new_url:

@@ -1,4 +1,4 @@
-"""Outbound HTTP for the mesh: one pooled client, no redirects, bounded reads, the §7.3 address policy.
+"""The HTTP transport's client: one pooled client, no redirects, bounded reads, the §7.3 address policy.
 
 Every outbound mesh request goes through :meth:`Net.request`. It resolves the host once off the event
 loop, checks every address, and connects to a checked address while keeping the original Host header
@@ -18,72 +18,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from darkmatter.transport import Reply
+from darkmatter.api import LARGE, Blocked, Reply, classify
 
 log = logging.getLogger(__name__)
-
-SMALL = 64 * 1024
-LARGE = 1024 * 1024
-
-_NEVER_V4 = [ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "169.254.0.0/16", "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24",
-    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32", "100.100.100.200/32")]
-_LOCAL_V4 = [ipaddress.ip_network(n) for n in (
-    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")]
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_6TO4 = ipaddress.ip_network("2002::/16")
-_EC2_V6 = ipaddress.ip_address("fd00:ec2::254")
-
-
-def embedded_v4(ip: ipaddress._BaseAddress) -> ipaddress.IPv4Address | None:
-    if isinstance(ip, ipaddress.IPv4Address):
-        return ip
-    if ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip in _6TO4:
-        return ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF)
-    return None
-
-
-def classify(address: str) -> str:
-    """``global``, ``local`` (loopback or private) or ``never`` (§7.3)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return "never"
-    v4 = embedded_v4(ip)
-    if v4 is not None:
-        if any(v4 in n for n in _NEVER_V4):
-            return "never"
-        if any(v4 in n for n in _LOCAL_V4):
-            return "local"
-        return "global" if v4.is_global else "never"
-    # NOTE: ::1 lies inside ::/8, which ipaddress counts as reserved: test loopback first.
-    if ip.is_loopback:
-        return "local"
-    if ip == _EC2_V6 or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
-        return "never"
-    if ip in ipaddress.ip_network("fc00::/7") or ip.is_site_local:  # fec0::/10: deprecated site-local
-        return "local"
-    if ip in ipaddress.ip_network("2001:db8::/32"):
-        return "never"
-    return "global" if ip.is_global else "never"
-
-
-def literal_class(host: str) -> str | None:
-    """The class of a literal-address host, None for a name."""
-    name = host.strip("[]")
-    try:
-        ipaddress.ip_address(name.split("%", 1)[0])
-    except ValueError:
-        return None
-    return classify(name)
-
-
-class Blocked(Exception):
-    pass
 
 
 class Net:

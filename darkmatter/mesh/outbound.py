@@ -12,13 +12,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from darkmatter import PROTOCOL_VERSION
-from darkmatter.healing import fetch_well_known
-from darkmatter.mesh import (HOPS_CAP, accept_body, add_notice, known_03, mark_03, new_connection,
-                             version_at_least)
-from darkmatter.node import MAX_CONNECTIONS
 from darkmatter.identity import v2_string, verify
+from darkmatter.mesh.connections import (HOPS_CAP, MAX_CONNECTIONS, MAX_PENDING_OUT, accept_body, agent_url_for,
+                                         drop_connection, known_03, mark_03, new_connection, version_at_least)
+from darkmatter.mesh.dispatch import call, check
+from darkmatter.mesh.healing import fetch_well_known
+from darkmatter.mesh.transport import SMALL, Caller, Reply
+from darkmatter.state import evict_sent
 from darkmatter.tools import ToolError
-from darkmatter.transport import Reply
 from darkmatter.wire import (MAX_IMPRESSION, MAX_NOTE, ProtocolError, check_content, check_metadata, endpoint,
                              is_fresh, is_self_certifying, new_message_id, normalize, now_iso, origin_key,
                              webhook_problem)
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_OUT = 50
 SEND_WAIT = 15.0
 BROADCAST_GRACE = 0.5  # a broadcast's wait for stragglers after the latest first attempt came back
 
@@ -74,7 +74,7 @@ async def request_connection(node: Node, target_url: str) -> dict:
             "from_agent_public_key_hex": node.public_key_hex, "protocol_version": PROTOCOL_VERSION,
             "timestamp": ts}
     body["signature_v2_hex"] = node.sign_v2("connection_request", node.agent_id, own_url, node.public_key_hex, ts)
-    reply = await node.net.request("POST", endpoint(target, "connection_request"), json_body=body, timeout=15.0)
+    reply = await call(node, "POST", endpoint(target, "connection_request"), body=body, timeout=15.0)
 
     def drop() -> None:
         if entry in outbound:
@@ -144,8 +144,8 @@ async def respond_connection(node: Node, request_id: str, accept: bool) -> dict:
         body = {"agent_id": node.agent_id, "requester_agent_id": from_id, "agent_url": node.base_url,
                 "agent_public_key_hex": node.public_key_hex, "timestamp": ts,
                 "signature_v2_hex": node.sign_v2("connection_rejected", node.agent_id, from_id, ts)}
-        reply = await node.net.request("POST", endpoint(request["from_agent_url"], "connection_rejected"),
-                                       json_body=body, timeout=10.0, max_bytes=64 * 1024)
+        reply = await call(node, "POST", endpoint(request["from_agent_url"], "connection_rejected"), body=body,
+                           timeout=10.0, max_bytes=SMALL)
         await node.emit("dm_on_connection_changed", agent_id=from_id, event="rejected")
         return {"success": True, "status": "rejected", "agent_id": from_id,
                 "notified": reply.ok, "note": None if reply.ok else f"requester not notified: {reply.describe()}"}
@@ -155,8 +155,6 @@ async def respond_connection(node: Node, request_id: str, accept: bool) -> dict:
         return {"success": True, "status": "connected", "agent_id": from_id, "message": "Already connected."}
     if len(node.connections) >= MAX_CONNECTIONS:
         raise ToolError(f"Connection limit reached ({MAX_CONNECTIONS}); disconnect someone first.")
-    from darkmatter.mesh import Caller, agent_url_for
-
     agent_url = agent_url_for(node, Caller(host=request.get("request_host") or "",
                                            scheme=request.get("request_scheme") or "http"))
     conn = new_connection(from_id, request["from_agent_url"], request.get("from_agent_public_key_hex"), "inbound",
@@ -177,15 +175,6 @@ async def respond_connection(node: Node, request_id: str, accept: bool) -> dict:
             "acceptance_delivery": state, "last_error": entry.get("last_error")}
 
 
-def drop_connection(node: Node, agent_id: str) -> dict | None:
-    """Remove a connection, failing its queued message and forward deliveries (§4.6)."""
-    conn = node.connections.pop(agent_id, None)
-    for entry in list(node.state["outbox"]):
-        if entry["kind"] in ("message", "forward") and entry.get("target_agent_id") == agent_id:
-            node.outbox._finish(entry, "failed", Reply(None, error="connection removed"))
-    return conn
-
-
 async def disconnect(node: Node, agent_id: str) -> dict:
     conn = node.connections.get(agent_id)
     if conn is None:
@@ -196,8 +185,8 @@ async def disconnect(node: Node, agent_id: str) -> dict:
     ts = now_iso()
     body = {"agent_id": node.agent_id, "peer_agent_id": agent_id, "timestamp": ts,
             "signature_v2_hex": node.sign_v2("disconnect", node.agent_id, agent_id, ts)}
-    reply = await node.net.request("POST", endpoint(conn["agent_url"], "disconnect"), json_body=body,
-                                   timeout=10.0, max_bytes=64 * 1024)
+    reply = await call(node, "POST", endpoint(conn["agent_url"], "disconnect"), body=body, timeout=10.0,
+                       max_bytes=SMALL)
     return {"success": True, "agent_id": agent_id, "peer_notified": reply.ok}
 
 
@@ -244,8 +233,6 @@ async def send_message(node: Node, content: str, target_agent_id: str | None = N
         entry = node.outbox.add("message", dict(payload), target_agent_id=target, message_id=message_id)
         sent["deliveries"][target] = _delivery_record(entry, "queued")
         entries.append(entry)
-    from darkmatter.state import evict_sent
-
     evict_sent(node.state)
     await node.save()
     await _first_attempts(node, entries, broadcast=target_agent_id is None)
@@ -286,13 +273,7 @@ async def check_webhook(node: Node, entry: dict) -> str | None:
     problem = webhook_problem(entry.get("webhook"), entry["message_id"])
     if problem:
         return problem
-    from darkmatter.net import Blocked
-
-    try:
-        await node.net.check(entry["webhook"], strict=True)
-    except Blocked as exc:
-        return str(exc)
-    return None
+    return await check(node, entry["webhook"], strict=True)
 
 
 async def forward_message(node: Node, message_id: str, target_agent_id: str, note: str | None = None,
@@ -316,7 +297,7 @@ async def forward_message(node: Node, message_id: str, target_agent_id: str, not
     problem = await check_webhook(node, entry)
     if problem:
         raise ToolError(f"Webhook blocked: {problem}")
-    reply = await node.net.request("GET", entry["webhook"], timeout=10.0, max_bytes=64 * 1024, strict=True)
+    reply = await call(node, "GET", entry["webhook"], timeout=10.0, max_bytes=SMALL, strict=True)
     warning = None
     remote: dict = {}
     if reply.status == 200 and isinstance(reply.body, dict):
@@ -393,8 +374,8 @@ async def ask_impression(node: Node, agent_id: str, about_agent_id: str) -> dict
     if conn is None:
         raise ToolError(f"Not connected to {agent_id!r}: impressions are asked of connections only.")
     path = "/__darkmatter__/impression/" + about_agent_id
-    reply = await node.net.request("GET", endpoint(conn["agent_url"], "impression", about_agent_id), timeout=10.0,
-                                   max_bytes=64 * 1024, headers=node.signed_get_headers(path, agent_id))
+    reply = await call(node, "GET", endpoint(conn["agent_url"], "impression", about_agent_id), timeout=10.0,
+                       max_bytes=SMALL, headers=node.signed_get_headers(path, agent_id))
     if not reply.ok:
         raise ToolError(f"{agent_id[:16]} did not share an impression: {reply.describe()}")
     text = reply.body.get("impression")

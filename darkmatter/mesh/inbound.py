@@ -1,103 +1,51 @@
-"""Inbound mesh protocol: what a node does with each request of docs/protocol.md §4–§6 and §10.
+"""Inbound mesh protocol: what a node does with each operation of docs/protocol.md §4–§6 and §10.
 
-Transport-neutral: every handler takes the node, the parsed JSON body (or path parameters) and a
-:class:`Caller` describing where the request came from, and returns the 200 body or raises
-``ProtocolError``. The HTTP plugin maps routes onto these; the WebRTC plugin feeds frames to
-:func:`message`. Refusals never change state.
+Transport-neutral: :func:`handle` is the one entry every transport calls, with the operation's name, the
+parsed JSON body (or path parameter) and a :class:`Caller` describing where the request came from; it
+returns the 200 body or raises ``ProtocolError``. ``ROUTES`` maps the HTTP shape of every operation
+(method and path) to its name, for transports that speak in paths. Refusals never change state.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 from darkmatter import PROTOCOL_VERSION
 from darkmatter.identity import peer_update_string, v1_string, v2_message, v2_string, v2_webhook_update, verify
-from darkmatter.net import literal_class
-from darkmatter.node import MAX_CONNECTIONS
+from darkmatter.mesh import healing
+from darkmatter.mesh.connections import (HOPS_CAP, MAX_CONNECTIONS, MAX_PENDING_IN, PENDING_TTL, accept_body,
+                                         add_notice, drop_connection, inactive_check, known_03, mark_03,
+                                         new_connection, persist, save_failed, version_at_least, agent_url_for)
+from darkmatter.mesh.dispatch import transport_for
+from darkmatter.mesh.transport import Caller
 from darkmatter.wire import (MAX_BIO, MAX_NAME, MAX_NOTE, ProtocolError, age_seconds, bad, check_content,
                              check_hex, check_id, check_message_id, check_metadata, check_url, forbidden,
-                             get_int, get_str, h, host_of, is_fresh, is_loopback_host, is_self_certifying,
+                             get_int, get_str, h, host_of, is_fresh, is_self_certifying, literal_class,
                              new_request_id, normalize, now_iso, origin_key, parse_ts, require, truncate,
                              valid_host_header, webhook_problem)
 
 if TYPE_CHECKING:
     from darkmatter.node import Node
 
-MAX_PENDING_IN = 50
-PENDING_TTL = 7 * 24 * 3600
 MAX_UPDATES = 200
 MAX_RESPONSES = 50
 SEEN_MIN_AGE = 600
 SEEN_MAX_AGE = 24 * 3600
 SEEN_MAX = 10000
-HOPS_CAP = 50
-
-
-@dataclass
-class Caller:
-    """Where a request came from: the TCP peer address, Host, scheme and (lowercased) headers."""
-
-    ip: str = ""
-    host: str = ""
-    scheme: str = "http"
-    headers: Mapping[str, str] = field(default_factory=dict)
-    transport: str = "http"
-
-    @property
-    def is_loopback(self) -> bool:
-        return is_loopback_host(self.ip) if self.ip else False
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def version_at_least(version: Any, minimum: str = "0.3") -> bool:
-    try:
-        have = tuple(int(p) for p in str(version).split("."))
-        want = tuple(int(p) for p in minimum.split("."))
-    except ValueError:
-        return False
-    return have >= want
-
-
-def known_03(conn: dict | None) -> bool:
-    return bool(conn) and (version_at_least(conn.get("protocol_version")) or bool(conn.get("known_03")))
-
-
-def mark_03(conn: dict) -> None:
-    conn["known_03"] = True
-    if not version_at_least(conn.get("protocol_version")):
-        conn["protocol_version"] = conn.get("protocol_version") or PROTOCOL_VERSION
-
-
-def inactive_check(node: Node) -> None:
-    if not node.is_active:
-        raise ProtocolError(503, "inactive", "Agent is currently inactive")
-
-
-def save_failed() -> ProtocolError:
-    return ProtocolError(503, "unavailable", "This node cannot save its state right now (is its disk full or "
-                                             "read-only?); nothing was recorded. Try again later.")
-
-
-async def persist(node: Node, undo: Callable[[], None], ops: list | None = None) -> None:
-    """Make a change durable before it is acknowledged (§11.2). When the state cannot be written (disk full,
-    read-only), undo the change and answer 503: a retry is then handled afresh, never as a duplicate of
-    something that only ever existed in memory."""
-    try:
-        await (node.save(ops) if ops is not None else node.save())
-    except OSError:
-        undo()
-        raise save_failed() from None
-
-
-def check_peer_url(value: Any, field_name: str) -> str:
-    """A peer URL (§2.6): valid, normalized, and not a literal address of the 'never' class."""
+def check_peer_url(node: Node, value: Any, field_name: str) -> str:
+    """A peer URL (§2.6): valid, normalized, reachable by one of this node's transports, and not a literal
+    address of the 'never' class."""
     url = normalize(check_url(value, field_name))
     if literal_class(host_of(url)) == "never":
         raise bad(f"Field '{field_name}' points to an address that is never allowed")
+    if transport_for(node, url) is None:
+        raise bad(f"Field '{field_name}' uses a URL scheme this node has no transport for")
     return url
 
 
@@ -132,49 +80,6 @@ def self_certifying_rules(agent_id: str, key: str | None, signature: str | None)
             raise forbidden("Signature required for a self-certifying agent_id", "signature_required")
 
 
-def agent_url_for(node: Node, caller: Caller) -> str:
-    """§4.2: the URL we tell a requester, built from the Host header it used."""
-    host = caller.host
-    if not valid_host_header(host):
-        return node.base_url
-    scheme = caller.headers.get("x-forwarded-proto", "").lower()
-    if scheme not in ("http", "https"):
-        scheme = caller.scheme if caller.scheme in ("http", "https") else "http"
-    try:
-        url = normalize(f"{scheme}://{host}")
-    except ProtocolError:
-        return node.base_url
-    public = node.config.public_url
-    if public:
-        try:
-            if origin_key(public)[1:3] == origin_key(url)[1:3]:
-                return public
-        except ProtocolError:
-            pass
-    return url
-
-
-def accept_body(node: Node, requester_id: str, agent_url: str) -> dict:
-    ts = now_iso()
-    body = {"auto_accepted": True, "agent_id": node.agent_id, "agent_url": agent_url,
-            "agent_bio": node.state.get("bio"), "agent_public_key_hex": node.public_key_hex,
-            "agent_display_name": node.state.get("display_name"), "protocol_version": PROTOCOL_VERSION,
-            "timestamp": ts}
-    body["signature_v2_hex"] = node.sign_v2("connection_accepted", node.agent_id, agent_url,
-                                            node.public_key_hex, requester_id, ts)
-    return body
-
-
-def new_connection(agent_id: str, url: str, key: str | None, direction: str, *, bio: Any = None,
-                   display_name: Any = None, self_url: str | None = None, version: Any = None) -> dict:
-    return {"agent_id": agent_id, "agent_url": url, "agent_bio": truncate(bio, MAX_BIO),
-            "direction": direction, "connected_at": now_iso(), "messages_sent": 0, "messages_received": 0,
-            "messages_declined": 0, "total_response_time_ms": 0, "last_activity": now_iso(),
-            "agent_public_key_hex": key, "agent_display_name": truncate(display_name, MAX_NAME) or None,
-            "self_url": self_url, "protocol_version": version if isinstance(version, str) else None,
-            "health_failures": 0, "last_peer_update_ts": None, "known_03": version_at_least(version)}
-
-
 def rate_key(caller: Caller, claimed: Any) -> tuple[str, float]:
     """§13.1: loopback sources are keyed by the claimed agent id, else get ten times the capacity."""
     if caller.is_loopback:
@@ -194,7 +99,7 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
     node.rate.check("connection_request_node")
     require(body, "from_agent_id", "from_agent_url")
     from_id = check_id(body["from_agent_id"], "from_agent_id")
-    from_url = check_peer_url(body["from_agent_url"], "from_agent_url")
+    from_url = check_peer_url(node, body["from_agent_url"], "from_agent_url")
     presented = optional_key(body, "from_agent_public_key_hex")
     bio = get_str(body, "from_agent_bio")
     name = get_str(body, "from_agent_display_name")
@@ -221,8 +126,6 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
         before = {k: existing.get(k) for k in ("agent_url", "self_url", "known_03", "protocol_version",
                                                "health_failures")}
         if signed and stored and not node.is_own_url(from_url) and origin_key(from_url) != origin_key(existing["agent_url"]):
-            from darkmatter import healing
-
             if await healing.verify_url(node, from_id, from_url):
                 existing["agent_url"] = from_url
                 node.outbox.kick()
@@ -312,7 +215,7 @@ def find_pending_outbound(node: Node, agent_id: str | None, agent_url: str | Non
 async def connection_accepted(node: Node, body: dict, caller: Caller) -> dict:
     require(body, "agent_id", "agent_url")
     agent_id = check_id(body["agent_id"], "agent_id")
-    agent_url = check_peer_url(body["agent_url"], "agent_url")
+    agent_url = check_peer_url(node, body["agent_url"], "agent_url")
     presented = optional_key(body, "agent_public_key_hex")
     signature = optional_sig(body)
     timestamp = get_str(body, "timestamp", max_len=64)
@@ -373,7 +276,7 @@ async def connection_rejected(node: Node, body: dict, caller: Caller) -> dict:
     reason = get_str(body, "reason", max_len=MAX_NOTE)
     agent_url = body.get("agent_url")
     if agent_url is not None:
-        agent_url = check_peer_url(agent_url, "agent_url")
+        agent_url = check_peer_url(node, agent_url, "agent_url")
     if requester != node.agent_id:
         raise forbidden("This rejection is not addressed to this node")
     pending = find_pending_outbound(node, agent_id, agent_url)
@@ -407,19 +310,11 @@ async def disconnect(node: Node, body: dict, caller: Caller) -> dict:
     if signature is None:
         raise forbidden("Signature required", "signature_required")
     check_signed(key, v2_string("disconnect", agent_id, peer, timestamp), signature, timestamp)
-    from darkmatter import actions
-
-    actions.drop_connection(node, agent_id)
+    drop_connection(node, agent_id)
     add_notice(node, "disconnected", agent_id, reason or "The peer disconnected")
     await node.save()
     await node.emit("dm_on_connection_changed", agent_id=agent_id, event="disconnected")
     return {"success": True, "disconnected": True}
-
-
-def add_notice(node: Node, kind: str, agent_id: str, text: str) -> None:
-    notices = node.state["notices"]
-    notices.append({"type": kind, "agent_id": agent_id, "text": text[:MAX_NOTE], "at": now_iso()})
-    del notices[:-50]
 
 
 # --- messages (§4.7, §3.6, §3.7) --------------------------------------------------------------
@@ -485,9 +380,9 @@ class InboxIndex:
 
 def inbox_index(node: Node) -> InboxIndex:
     inbox = node.state["inbox"]
-    index = getattr(node, "_inbox_index", None)
+    index = node.inbox_index
     if index is None or index.key != InboxIndex.fingerprint(inbox):
-        index = node._inbox_index = InboxIndex(inbox)  # type: ignore[attr-defined]
+        index = node.inbox_index = InboxIndex(inbox)
     return index
 
 
@@ -503,12 +398,12 @@ def remember(node: Node, message_id: str) -> None:
     ids[message_id] = int(now)
     # Prune every 500 new ids, also above SEEN_MAX: pruning on every message once over the cap scanned all
     # 10 000 ids per message whenever none was old enough to go (a sustained burst).
-    if len(ids) % 500 == 0 or (len(ids) > SEEN_MAX and len(ids) >= getattr(node, "_seen_prune_at", 0)):
+    if len(ids) % 500 == 0 or (len(ids) > SEEN_MAX and len(ids) >= node.seen_prune_at):
         for mid, stamp in list(ids.items()):
             age = now - stamp
             if age > SEEN_MAX_AGE or (len(ids) > SEEN_MAX and age > SEEN_MIN_AGE):
                 del ids[mid]
-        node._seen_prune_at = len(ids) + 500  # type: ignore[attr-defined]
+        node.seen_prune_at = len(ids) + 500
 
 
 async def message(node: Node, body: dict, caller: Caller) -> dict:
@@ -801,7 +696,7 @@ async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
     if not body.get("agent_id") or not body.get("new_url"):
         raise ProtocolError(400, "missing_fields", "Missing agent_id or new_url")
     agent_id = check_id(body["agent_id"], "agent_id")
-    new_url = check_peer_url(body["new_url"], "new_url")
+    new_url = check_peer_url(node, body["new_url"], "new_url")
     key_rate, scale = rate_key(caller, agent_id)
     node.rate.check("peer_update_ip", key_rate, scale)
     conn = node.connections.get(agent_id)
@@ -831,8 +726,6 @@ async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
         conn["last_peer_update_ts"] = timestamp
         node.save_soon()
         return {"success": True, "updated": False}
-    from darkmatter import healing
-
     outcome = await healing.check_url(node, agent_id, new_url)
     if outcome == "unreachable":
         raise ProtocolError(422, "unverifiable_url", "The new URL could not be verified")
@@ -850,18 +743,61 @@ async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
 
 # --- the one inbound entry (every transport calls this) ----------------------------------------------
 
+
+async def well_known_op(node: Node, caller: Caller) -> dict:
+    node.rate.check("get_ip", *rate_key(caller, None))
+    return well_known(node, caller)
+
+
 OPERATIONS: dict[str, Callable[..., Any]] = {
     "connection_request": connection_request, "connection_accepted": connection_accepted,
     "connection_rejected": connection_rejected, "disconnect": disconnect, "message": message,
     "peer_update": peer_update, "webhook_post": webhook_post, "webhook_get": webhook_get,
     "impression": impression, "peer_lookup": peer_lookup, "status": status, "network_info": network_info,
+    "well_known": well_known_op,
 }
+
+PREFIX = "/__darkmatter__/"
+# (method, path, operation, path parameter): the HTTP shape of every operation (docs/protocol.md §4.1)
+ROUTES: list[tuple[str, str, str, str | None]] = [
+    ("POST", PREFIX + "connection_request", "connection_request", None),
+    ("POST", PREFIX + "connection_accepted", "connection_accepted", None),
+    ("POST", PREFIX + "connection_rejected", "connection_rejected", None),
+    ("POST", PREFIX + "disconnect", "disconnect", None),
+    ("POST", PREFIX + "message", "message", None),
+    ("POST", PREFIX + "peer_update", "peer_update", None),
+    ("POST", PREFIX + "webhook/{message_id}", "webhook_post", "message_id"),
+    ("GET", PREFIX + "webhook/{message_id}", "webhook_get", "message_id"),
+    ("GET", PREFIX + "impression/{agent_id}", "impression", "agent_id"),
+    ("GET", PREFIX + "peer_lookup/{agent_id}", "peer_lookup", "agent_id"),
+    ("GET", PREFIX + "status", "status", None),
+    ("GET", PREFIX + "network_info", "network_info", None),
+    ("GET", "/.well-known/darkmatter.json", "well_known", None),
+]
+# Operations an inactive node refuses before reading the body (§2.1).
+REFUSED_WHEN_INACTIVE = frozenset({"connection_request", "message"})
+
+
+def route_of(method: str, path: str) -> tuple[str, str | None] | None:
+    """The operation and path parameter a request's method and (unquoted) path address, or None."""
+    for route_method, template, op, param in ROUTES:
+        if route_method != method:
+            continue
+        if param is None:
+            if path == template:
+                return op, None
+            continue
+        prefix = template[: template.index("{")]
+        rest = path[len(prefix):]
+        if path.startswith(prefix) and rest and "/" not in rest:
+            return op, rest
+    return None
 
 
 async def handle(node: Node, op: str, caller: Caller, body: dict | None = None, arg: str | None = None) -> dict:
     """Handle one inbound mesh operation, whatever transport carried it.
 
-    ``op`` names the operation (see ``OPERATIONS``); ``body`` is the parsed JSON object of a POST, ``arg``
+    ``op`` names the operation (a key of ``OPERATIONS``); ``body`` is the JSON object of a POST, ``arg``
     the path parameter of ``webhook_*`` (message_id), ``impression`` and ``peer_lookup`` (agent_id).
     Returns the 200 body or raises ``ProtocolError``; a state that cannot be saved is a 503."""
     handler = OPERATIONS.get(op)
@@ -870,7 +806,7 @@ async def handle(node: Node, op: str, caller: Caller, body: dict | None = None, 
     args: list[Any] = [node]
     if arg is not None:
         args.append(arg)
-    if body is not None or op in POSTS:
+    if op in POSTS:
         args.append(body if body is not None else {})
     try:
         return await handler(*args, caller)
@@ -878,5 +814,4 @@ async def handle(node: Node, op: str, caller: Caller, body: dict | None = None, 
         raise save_failed() from None
 
 
-POSTS = {"connection_request", "connection_accepted", "connection_rejected", "disconnect", "message",
-         "peer_update", "webhook_post"}
+POSTS = frozenset(op for method, _, op, _ in ROUTES if method == "POST")
