@@ -21,7 +21,10 @@ EXAMPLE = ROOT / "examples" / "trust_routing_plugin"
 
 # Each hook spec -> the tests that exercise it ("file::test_function"). Add the test when adding a hook.
 HOOK_TESTS: dict[str, list[str]] = {
-    "dm_register_transports": ["tests/test_plugins.py::test_transports_are_ordered_by_priority_and_duplicates_fail"],
+    "dm_register_transports": ["tests/test_plugins.py::test_transports_are_ordered_by_priority_and_duplicates_fail",
+                               "darkmatter/testing/conformance/test_messages.py::test_a_sent_message_arrives_verified",
+                               "plugins/webrtc_transport/tests/test_webrtc_conformance.py::"
+                               "test_the_conformance_suite_passes_over_webrtc"],
     "dm_register_discovery": [
         "tests/test_plugins.py::test_discovery_sources_run_when_discovery_is_on_and_feed_the_discovered_table"],
     "dm_register_storage": ["tests/test_plugins.py::test_storage_plugin_is_used_when_selected_by_DARKMATTER_STORAGE"],
@@ -147,3 +150,100 @@ def test_ci_runs_exactly_the_readme_test_command():
     runs = [line for line in ci.splitlines() if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))]
     assert runs == [commands[1]]
     assert (ROOT / ".ci" / "run").stat().st_mode & 0o111
+
+
+# --- the declared API and the kernel's layers (docs/plugin-hooks.md, STYLE §10) ----------------------------
+
+ALLOWED = ("darkmatter", "darkmatter.api", "darkmatter.testing")
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_plugins_import_only_the_declared_api():
+    offenders = []
+    for path in sorted([*ROOT.glob("plugins/*/**/*.py"), *EXAMPLE.glob("**/*.py")]):
+        for line, module in imported_modules(path):
+            top = module.split(".")[0]
+            if top == "darkmatter" and not (module in ALLOWED or module.startswith("darkmatter.testing.")):
+                offenders.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+            if top.startswith("darkmatter_") and not path.relative_to(ROOT).parts[1] in top.removeprefix("darkmatter_"):
+                offenders.append(f"{path.relative_to(ROOT)}:{line} imports another plugin ({module})")
+    assert offenders == []
+
+
+def test_the_api_exports_exactly_what_it_declares():
+    import darkmatter.api as api
+
+    missing = [name for name in api.__all__ if not hasattr(api, name)]
+    assert missing == []
+    assert len(set(api.__all__)) == len(api.__all__)
+
+
+def kernel_import_graph() -> dict[str, set[str]]:
+    """Edges between darkmatter/ modules, counting imports inside functions (not TYPE_CHECKING ones)."""
+    package = ROOT / "darkmatter"
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = {id(n) for branch in ast.walk(tree) if isinstance(branch, ast.If)
+                and getattr(branch.test, "id", getattr(branch.test, "attr", "")) == "TYPE_CHECKING"
+                for stmt in branch.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                while parts and ".".join(parts) not in modules:
+                    parts.pop()
+                target = ".".join(parts)
+                if target and target != module and not module.startswith(target + ".") and target != "darkmatter":
+                    graph[module].add(target)
+    return graph
+
+
+def test_the_kernel_has_no_import_cycle():
+    graph = kernel_import_graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(stack[stack.index(target):] + [module, target]) if target in stack
+                              else f"{module} -> {target}")
+            elif target not in state:
+                visit(target, stack + [module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert cycles == []
+
+
+def test_the_mesh_speaks_to_peers_only_through_transports():
+    """No HTTP client in the kernel's mesh code: every outbound request goes through a transport."""
+    offenders = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+                 for path in sorted((ROOT / "darkmatter" / "mesh").glob("*.py"))
+                 for line, module in imported_modules(path)
+                 if module.split(".")[0] in ("httpx", "aiohttp", "urllib3", "requests", "socket", "hypercorn")]
+    assert offenders == []

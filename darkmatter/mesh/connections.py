@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from darkmatter import PROTOCOL_VERSION
 from darkmatter.mesh.transport import Caller, Reply
-from darkmatter.wire import (MAX_BIO, MAX_NAME, MAX_NOTE, ProtocolError, normalize, now_iso, origin_key, truncate,
-                             valid_host_header)
+from darkmatter.wire import (MAX_BIO, MAX_NAME, MAX_NOTE, SCHEMES, ProtocolError, normalize, now_iso, origin_key,
+                             truncate, valid_host_header)
 
 if TYPE_CHECKING:
     from darkmatter.node import Node
@@ -67,7 +67,7 @@ def agent_url_for(node: Node, caller: Caller) -> str:
         return node.base_url
     scheme = caller.headers.get("x-forwarded-proto", "").lower()
     if scheme not in ("http", "https"):
-        scheme = caller.scheme if caller.scheme in ("http", "https") else "http"
+        scheme = caller.scheme if caller.scheme in SCHEMES else "http"
     try:
         url = normalize(f"{scheme}://{host}")
     except ProtocolError:

@@ -3,13 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 HARNESS = str(Path(__file__).resolve().parent.parent / "security")
 if HARNESS not in sys.path:
     sys.path.insert(0, HARNESS)
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"

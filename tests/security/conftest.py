@@ -3,13 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from darkmatter import api as actions
-from darkmatter.config import ConfigError
+from darkmatter.api import ConfigError
 from darkmatter.testing import RawPeer, client, connect, make_node, node_context
 
 from darkmatter_autospawn import spawner_for

@@ -12,8 +12,8 @@ import uuid
 import anyio
 import pytest
 
-from darkmatter.identity import Identity, v2_beacon, verify
-from darkmatter.plugins import active_plugins
+from darkmatter.api import Identity, v2_beacon, verify
+from darkmatter.api import active_plugins
 from darkmatter.testing import make_node
 from darkmatter_discovery_lan import LanBeacon, build_beacon, encode
 
@@ -76,7 +76,7 @@ def test_entry_point_is_wired(tmp_path):
 
 
 def test_bad_settings_are_clear_errors(tmp_path):
-    from darkmatter.config import ConfigError
+    from darkmatter.api import ConfigError
 
     with pytest.raises(ConfigError, match="DARKMATTER_LAN_GROUP='10.0.0.1' is not an IPv4 multicast group"):
         lan_node(tmp_path, 9, DARKMATTER_LAN_GROUP="10.0.0.1")

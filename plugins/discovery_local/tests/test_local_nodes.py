@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from darkmatter.testing import make_node
-from darkmatter.tools import Session
+from darkmatter.api import Session
 
 INTERVAL = 1.0
 PRUNE = 3.0

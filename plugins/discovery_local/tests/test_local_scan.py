@@ -13,11 +13,11 @@ import json
 import anyio
 import pytest
 
-from darkmatter.config import Config, ConfigError
-from darkmatter.identity import Identity
-from darkmatter.plugins import active_plugins
+from darkmatter.api import Config, ConfigError
+from darkmatter.api import Identity
+from darkmatter.api import active_plugins
 from darkmatter.testing import make_node
-from darkmatter.tools import Session
+from darkmatter.api import Session
 from darkmatter_discovery_local import LocalScan
 
 

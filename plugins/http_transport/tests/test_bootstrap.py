@@ -24,7 +24,7 @@ import pytest
 from darkmatter import PROTOCOL_VERSION, __version__
 from darkmatter import api as actions
 from darkmatter.testing import client, node_context
-from darkmatter.tools import Session
+from darkmatter.api import Session
 from darkmatter_http_transport import bootstrap
 
 pytestmark = pytest.mark.anyio

@@ -4,7 +4,7 @@ import pytest
 
 from darkmatter import api as actions
 from darkmatter.testing import RawPeer, client, node_context
-from darkmatter.tools import ToolError
+from darkmatter.api import ToolError
 
 pytestmark = pytest.mark.anyio
 

@@ -109,8 +109,8 @@ async def test_peer_lookup_heals_a_stale_url_after_a_connect_failure(tmp_path):
 
 
 async def test_peer_update_pointing_at_an_impostor_is_refused(tmp_path):
-    from darkmatter.identity import peer_update_string
-    from darkmatter.wire import now_iso
+    from darkmatter.api import peer_update_string
+    from darkmatter.api import now_iso
 
     async with make_node(tmp_path / "a") as a, make_node(tmp_path / "evil") as evil_node:
         peer = RawPeer()

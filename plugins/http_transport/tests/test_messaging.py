@@ -5,10 +5,10 @@ import asyncio
 import pytest
 
 from darkmatter import api as actions
-from darkmatter.identity import v2_webhook_update
+from darkmatter.api import v2_webhook_update
 from darkmatter.testing import RawPeer, client, mesh, node_context
-from darkmatter.tools import ToolError
-from darkmatter.wire import now_iso
+from darkmatter.api import ToolError
+from darkmatter.api import now_iso
 
 pytestmark = pytest.mark.anyio
 

@@ -31,7 +31,7 @@ from darkmatter_http_transport import upkeep
 
 from darkmatter import api as actions
 from darkmatter.testing import RawPeer, connect, make_node
-from darkmatter.tools import Session
+from darkmatter.api import Session
 
 UPKEEP_LOGGER = "darkmatter_http_transport.upkeep"
 FAST_HEALTH = {"DARKMATTER_HEALTH_INTERVAL": "0.2", "DARKMATTER_HEALTH_STALE_SECONDS": "0"}

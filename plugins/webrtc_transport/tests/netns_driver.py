@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 
 from darkmatter import api as actions, hookimpl
-from darkmatter.identity import Identity, v2_string
+from darkmatter.api import Identity, v2_string
 from darkmatter.testing import connect, make_node
-from darkmatter.tools import Session, ToolError
-from darkmatter.wire import h, now_iso
+from darkmatter.api import Session, ToolError
+from darkmatter.api import h, now_iso
 
 from darkmatter_webrtc_transport import transport_of
 

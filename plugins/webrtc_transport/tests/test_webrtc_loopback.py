@@ -12,11 +12,11 @@ import textwrap
 import httpx
 import pytest
 
-from darkmatter.config import ConfigError
-from darkmatter.identity import Identity, v2_string
+from darkmatter.api import ConfigError
+from darkmatter.api import Identity, v2_string
 from darkmatter.testing import client, connect, make_node, node_context
-from darkmatter.tools import Session, ToolError
-from darkmatter.wire import h, now_iso
+from darkmatter.api import Session, ToolError
+from darkmatter.api import h, now_iso
 
 from darkmatter_webrtc_transport import transport_of
 from darkmatter_webrtc_transport.transport import DEFAULT_STUN, parse_stun_servers
@@ -162,7 +162,7 @@ WITHOUT_AIORTC = textwrap.dedent("""
     from pathlib import Path
     import httpx
     from darkmatter.testing import connect, node_context
-    from darkmatter.tools import Session, ToolError
+    from darkmatter.api import Session, ToolError
 
     async def main(root):
         plugins = "http_transport,webrtc_transport"
