@@ -1,4 +1,6 @@
-"""Messages between connections: verification, duplicates and refusals (docs/protocol.md §3.6, §3.7, §4.7)."""
+"""Messages between connections: verification, duplicates and refusals (docs/protocol.md §3.6, §3.7, §4.7).
+
+Every case runs over the transport a node registered through ``dm_register_transports`` (``dm_transport``)."""
 
 import pytest
 

@@ -3,7 +3,8 @@
 ``pytest --pyargs darkmatter.testing.conformance --dm-transport=webrtc`` runs inside a network namespace
 this test creates, whose ``lo`` also carries 127.0.0.2 (aiortc never offers 127.0.0.1 as a candidate):
 every connection the cases make is upgraded to a data channel, so every message and forward travels on
-it (one case checks the inbox entry says ``webrtc``). Without root the test skips, except under
+it (one case checks the inbox entry says ``webrtc``): the transport registered through
+``dm_register_transports`` carries the whole protocol. Without root the test skips, except under
 ``CI=true``, where it fails.
 """
 
