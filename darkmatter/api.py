@@ -12,8 +12,9 @@ from darkmatter.config import Config, ConfigError
 from darkmatter.discovery import DiscoverySource
 from darkmatter.identity import (Identity, peer_update_string, v1_string, v2_beacon, v2_message, v2_string,
                                  v2_webhook_update, verify)
-from darkmatter.mesh import Caller, handle
+from darkmatter.mesh import Caller, agent_url_for, handle, rate_key
 from darkmatter.node import Node, StartupError
+from darkmatter.plugins import GROUP as PLUGIN_GROUP
 from darkmatter.server import client_ip, error_response, read_json
 from darkmatter.storage import Storage
 from darkmatter.tools import Session, Tool, ToolError, boolean, integer, string
@@ -25,12 +26,14 @@ from darkmatter.wire import (FRESH_SECONDS, MAX_BODY, MAX_ID, ProtocolError, bad
 __all__ = [
     # markers and versions
     "hookimpl", "__version__", "PROTOCOL_VERSION",
-    # the node and its settings
-    "Node", "StartupError", "Config", "ConfigError",
+    # the node, its settings and the entry-point group of plugins
+    "Node", "StartupError", "Config", "ConfigError", "PLUGIN_GROUP",
     # MCP tools
     "Tool", "ToolError", "Session", "string", "integer", "boolean",
     # transports and the inbound entry
     "Transport", "Reply", "TransportUnavailable", "Caller", "handle",
+    # the requester-derived URL (docs/protocol.md §4.2) and the rate-limit key (§13.1) of a Caller
+    "agent_url_for", "rate_key",
     # discovery and storage
     "DiscoverySource", "Storage",
     # outbound mesh operations (what the agent's tools do)

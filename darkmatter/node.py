@@ -55,6 +55,7 @@ class Node:
         self.discovery_sources: list = []
         self.storages: dict[str, Storage] = {}
         self.discovered: dict[str, dict] = {}
+        self.plugin_data: dict[str, Any] = {}  # per-node plugin state, see plugin_state()
         self.rate = RateLimiter(config.rate_limits, overrides_from_env(config.env))
         self.net: Net | None = None
         self.persister: Persister | None = None
@@ -240,6 +241,13 @@ class Node:
                 "status": self.state.get("status"), "is_genesis": bool(self.state.get("is_genesis")),
                 "num_connections": len(self.connections),
                 "accepting_connections": self.accepting_connections(), "protocol_version": PROTOCOL_VERSION}
+
+    def plugin_state(self, key: str, factory: Callable[[], Any]) -> Any:
+        """A plugin's per-node state: the object kept under ``key`` (the plugin's name), made by ``factory()``
+        on first use. Plugins keep per-node state here, not in module globals or attributes set on the node."""
+        if key not in self.plugin_data:
+            self.plugin_data[key] = factory()
+        return self.plugin_data[key]
 
     def plugin_list(self) -> list[dict]:
         return [{"name": i.name, "version": i.version} for i in active_plugins(self.pm)]
