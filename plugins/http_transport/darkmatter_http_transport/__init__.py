@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from darkmatter import hookimpl
 
-from darkmatter_http_transport import bootstrap
 from darkmatter_http_transport.routes import build_routes
 from darkmatter_http_transport.transport import HttpTransport
 from darkmatter_http_transport.upkeep import lifespan
@@ -19,14 +18,6 @@ from darkmatter_http_transport.upkeep import lifespan
 def dm_register_routes(register, node):
     for route in build_routes(node):
         register(route)
-    if node.config.bootstrap:  # §4.11; DARKMATTER_BOOTSTRAP=false leaves /bootstrap* unrouted (404)
-        for route in bootstrap.build_routes(node):
-            register(route)
-
-
-@hookimpl
-def dm_register_tools(register, node):
-    register(bootstrap.server_template_tool())
 
 
 @hookimpl
@@ -36,7 +27,7 @@ def dm_register_transports(register, node):
 
 @hookimpl
 def dm_lifespan(node):
-    return bootstrap.lifespan(node, lifespan(node))
+    return lifespan(node)
 
 
 @hookimpl
