@@ -23,7 +23,8 @@ from darkmatter.mesh.outbound import (ask_impression, disconnect, expire_message
                                       request_connection, respond_connection, respond_message, send_message)
 from darkmatter.mesh.transport import LARGE, SMALL, Blocked, Caller, Reply, Transport, TransportUnavailable
 from darkmatter.node import Node, StartupError
-from darkmatter.plugins import GROUP, active_plugins
+from darkmatter.plugins import GROUP as PLUGIN_GROUP
+from darkmatter.plugins import active_plugins
 from darkmatter.server import client_ip, error_response, read_json
 from darkmatter.storage import Storage
 from darkmatter.tools import Session, Tool, ToolError, boolean, integer, string
@@ -36,7 +37,7 @@ __all__ = [
     # markers and versions
     "hookimpl", "__version__", "PROTOCOL_VERSION",
     # the node, its settings and its plugins
-    "Node", "StartupError", "Config", "ConfigError", "GROUP", "active_plugins",
+    "Node", "StartupError", "Config", "ConfigError", "PLUGIN_GROUP", "active_plugins",
     # MCP tools
     "Tool", "ToolError", "Session", "string", "integer", "boolean",
     # transports: the interface, the inbound entry, outbound dispatch

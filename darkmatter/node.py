@@ -54,6 +54,7 @@ class Node:
         self.discovery_sources: list = []
         self.storages: dict[str, Storage] = {}
         self.discovered: dict[str, dict] = {}
+        self.plugin_data: dict[str, Any] = {}  # per-node plugin state, see plugin_state()
         self.rate = RateLimiter(config.rate_limits, overrides_from_env(config.env))
         self.persister: Persister | None = None
         self.port: int = config.port
@@ -65,7 +66,6 @@ class Node:
         self.tasks: set[asyncio.Task] = set()
         self.outbox = None  # darkmatter.mesh.outbox.Outbox, created at start
         self.mcp = None  # darkmatter.mcp.McpServer, created at start
-        self.plugin_data: dict[str, Any] = {}  # per-node plugin state, see plugin_state()
         self.inbox_index = None  # darkmatter.mesh.inbound.InboxIndex, rebuilt when the inbox changed
         self.seen_prune_at = 0  # size of the seen-id table at which it is next pruned
         self.recovery_at: dict[str, float] = {}  # agent_id -> monotonic time of its last peer_lookup recovery

@@ -576,3 +576,18 @@ async def test_default_forwarding_rank_is_empty_and_a_plugin_ranking_wins(tmp_pa
     async with node_context(tmp_path / "b", plugins="", extra=[Decider("accept")]) as node:
         ranked = node.pm.hook.dm_rank_forwarding_candidates(node=node, message=message, candidates=candidates)
         assert ranked == ["bb" * 32, "aa" * 32]
+
+
+def test_plugin_state_is_per_node_and_made_once(tmp_path):
+    a = Node(make_config(tmp_path / "a", plugins=""))
+    b = Node(make_config(tmp_path / "b", plugins=""))
+    made: list[dict] = []
+
+    def factory() -> dict:
+        made.append({})
+        return made[-1]
+
+    first = a.plugin_state("probe", factory)
+    assert a.plugin_state("probe", factory) is first and len(made) == 1  # made on first use only
+    assert b.plugin_state("probe", factory) is not first and len(made) == 2  # every node has its own
+    assert a.plugin_state("other", dict) is not first  # keyed by the plugin's name

@@ -12,7 +12,6 @@ import contextlib
 
 from darkmatter.api import hookimpl
 
-from darkmatter_http_transport import bootstrap
 from darkmatter_http_transport.routes import build_routes
 from darkmatter_http_transport.transport import HttpTransport
 from darkmatter_http_transport.upkeep import lifespan
@@ -22,14 +21,6 @@ from darkmatter_http_transport.upkeep import lifespan
 def dm_register_routes(register, node):
     for route in build_routes(node):
         register(route)
-    if node.config.bootstrap:  # §4.11; DARKMATTER_BOOTSTRAP=false leaves /bootstrap* unrouted (404)
-        for route in bootstrap.build_routes(node):
-            register(route)
-
-
-@hookimpl
-def dm_register_tools(register, node):
-    register(bootstrap.server_template_tool())
 
 
 def transport_of(node) -> HttpTransport:
@@ -55,7 +46,7 @@ async def client_lifespan(node):
 def dm_lifespan(node):
     @contextlib.asynccontextmanager
     async def composed():
-        async with client_lifespan(node), bootstrap.lifespan(node, lifespan(node)):
+        async with client_lifespan(node), lifespan(node):
             yield
     return composed()
 

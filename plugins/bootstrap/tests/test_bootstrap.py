@@ -1,5 +1,6 @@
 """Self-replication (docs/protocol.md §4.11): /bootstrap, /bootstrap/server.py, /bootstrap/packages and the
-server template tool, against real nodes; the slow test runs the script with real bash in a fresh HOME."""
+server template tool, against real nodes running the kernel, http_transport and this plugin; the slow test
+runs the script with real bash in a fresh HOME."""
 
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ import socket
 import sys
 import time
 import zipfile
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from darkmatter import PROTOCOL_VERSION, __version__
-from darkmatter import api as actions
-from darkmatter.testing import client, node_context
-from darkmatter.api import Session
-from darkmatter_http_transport import bootstrap
+from darkmatter.api import PROTOCOL_VERSION, Session, __version__, request_connection, send_message
+from darkmatter.testing import client
+from darkmatter.testing import node_context as kernel_node_context
+from darkmatter_bootstrap import scripts, service, wheels
 
 pytestmark = pytest.mark.anyio
 
@@ -33,8 +34,28 @@ BASH = shutil.which("bash")
 needs_bash = pytest.mark.skipif(BASH is None, reason="bash is not installed")
 
 
-async def ready(node, timeout: float = 60.0) -> bootstrap.Bootstrap:
-    state = bootstrap.for_node(node)
+PLUGINS = "http_transport,bootstrap"
+
+
+def node_context(directory: Path, **kwargs):
+    """A node with exactly the kernel, http_transport and this plugin (whatever else is installed)."""
+    kwargs.setdefault("plugins", PLUGINS)
+    return kernel_node_context(directory, **kwargs)
+
+
+def versions(node) -> dict[str, str]:
+    return {p["name"]: p["version"] for p in node.plugin_list()}
+
+
+def wheel_names(node) -> set[str]:
+    v = versions(node)
+    return {f"darkmatter-{__version__}-py3-none-any.whl",
+            f"darkmatter_http_transport-{v['http_transport']}-py3-none-any.whl",
+            f"darkmatter_bootstrap-{v['bootstrap']}-py3-none-any.whl"}
+
+
+async def ready(node, timeout: float = 60.0) -> service.Bootstrap:
+    state = service.state_of(node)
     for _ in range(int(timeout / 0.05)):
         if state.status != "pending":
             break
@@ -111,8 +132,7 @@ async def test_node_serves_its_kernel_and_plugin_wheels_with_the_hashes_in_the_s
         assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
         script = reply.text
         listed = fetch_lines(script)
-        assert set(listed) == {f"darkmatter-{__version__}-py3-none-any.whl",
-                               f"darkmatter_http_transport-{node.plugin_list()[0]['version']}-py3-none-any.whl"}
+        assert set(listed) == wheel_names(node)
         assert f"DM_ORIGIN='{node.base_url}'" in script
         # §4.2: a Host that passes the pattern is what the script fetches from, with X-Forwarded-Proto.
         _, _, body = await raw_get(node.port, "/bootstrap", host=f"localhost:{node.port}",
@@ -123,11 +143,15 @@ async def test_node_serves_its_kernel_and_plugin_wheels_with_the_hashes_in_the_s
             assert got.status_code == 200
             assert hashlib.sha256(got.content).hexdigest() == sha == got.headers["x-darkmatter-source-sha256"]
             names = check_wheel(got.content)
-            top = "darkmatter/" if name.startswith("darkmatter-") else "darkmatter_http_transport/"
+            top = name.split("-", 1)[0] + "/"
             assert any(n.startswith(top) and n.endswith(".py") for n in names)
             assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
         kernel = next(n for n in listed if n.startswith("darkmatter-"))
         assert "darkmatter/node.py" in check_wheel((await http.get(f"/bootstrap/packages/{kernel}")).content)
+        # The plugin's own wheel carries its templates (package data), so a bootstrapped node can serve them.
+        own = next(n for n in listed if n.startswith("darkmatter_bootstrap-"))
+        carried = check_wheel((await http.get(f"/bootstrap/packages/{own}")).content)
+        assert {f"darkmatter_bootstrap/templates/{f}" for f in scripts.FILES} <= set(carried)
         launcher = await http.get("/bootstrap/server.py")
         assert launcher.status_code == 200
         assert launcher.headers["x-darkmatter-source-sha256"] == hashlib.sha256(launcher.content).hexdigest()
@@ -187,7 +211,7 @@ async def test_package_route_serves_only_listed_names(tmp_path):
 async def test_bootstrap_false_removes_the_routes(tmp_path):
     async with node_context(tmp_path / "a", DARKMATTER_BOOTSTRAP="false") as node, client(node) as http:
         await asyncio.sleep(0.2)
-        assert bootstrap.for_node(node).status == "pending"  # nothing was packaged
+        assert service.state_of(node).status == "pending"  # nothing was packaged
         wheel = f"/bootstrap/packages/darkmatter-{__version__}-py3-none-any.whl"
         for path in ("/bootstrap", "/bootstrap/server.py", wheel):
             reply = await http.get(path)
@@ -289,10 +313,10 @@ async def test_malicious_host_gets_a_harmless_script(tmp_path):
 async def test_hostile_values_stay_inert_even_if_they_reached_the_renderer(tmp_path):
     mark = tmp_path / "pwned"
     evil = f"x';touch {mark};'`touch {mark}`$(touch {mark})\"$(touch {mark})\"\\'@@HELPER@@@@FETCH@@"
-    package = bootstrap.Package(file=evil + ".whl", sha256=evil, distribution="d", version="1", role="kernel",
+    package = wheels.Package(file=evil + ".whl", sha256=evil, distribution="d", version="1", role="kernel",
                                 plugin=None, data=b"")
-    script = bootstrap.render_script("http://h/" + evil, [package])
-    assert f"\nDM_ORIGIN={bootstrap.shq('http://h/' + evil)}\n" in script
+    script = scripts.render_script("http://h/" + evil, [package])
+    assert f"\nDM_ORIGIN={scripts.shq('http://h/' + evil)}\n" in script
     assert script.count("DM_HELPER_EOF") == 2 and script.count("dm_fetch '") == 1
     path = tmp_path / "evil.sh"
     path.write_text(script)
@@ -302,7 +326,7 @@ async def test_hostile_values_stay_inert_even_if_they_reached_the_renderer(tmp_p
     assert code == 1 and "needs Python 3.11" in err and not mark.exists(), (out, err)
     for bad in ("a\nb", "a\rb", "a\x00b", "a\x1bb"):
         with pytest.raises(ValueError):
-            bootstrap.shq(bad)
+            scripts.shq(bad)
 
 
 # --- the server template tool --------------------------------------------------------------------
@@ -313,9 +337,10 @@ async def test_server_template_tool_over_mcp(tmp_path):
         state = await ready(node)
         result = await node.tools["darkmatter_get_server_template"].handler(node, {}, Session())
         assert result["implementation"]["kernel"] == {"distribution": "darkmatter", "version": __version__}
+        v = versions(node)
         assert result["implementation"]["plugins"] == [
-            {"name": "http_transport", "version": node.plugin_list()[0]["version"],
-             "distribution": "darkmatter-http-transport"}]
+            {"name": "http_transport", "version": v["http_transport"], "distribution": "darkmatter-http-transport"},
+            {"name": "bootstrap", "version": v["bootstrap"], "distribution": "darkmatter-bootstrap"}]
         packages = result["packages"]
         assert packages["availability"] == "ready"
         assert packages["bootstrap_script"] == node.base_url + "/bootstrap"
@@ -445,10 +470,12 @@ async def test_curl_bootstrap_bash_starts_a_node_that_joins_and_receives_a_messa
                 doc = (await http.get(f"{new_url}/.well-known/darkmatter.json")).json()
             assert doc["darkmatter"] is True
             assert doc["agent_id"] == (dm / "bootstrap" / "node.agent").read_text().strip()
-            assert doc["plugins"] == [{"name": "http_transport", "version": origin.plugin_list()[0]["version"]}]
-            joined = await actions.request_connection(origin, new_url)
+            # Unset DARKMATTER_PLUGINS: the new node loads every installed plugin, the ones it was given.
+            assert sorted(p["name"] for p in doc["plugins"]) == ["bootstrap", "http_transport"]
+            assert {p["name"]: p["version"] for p in doc["plugins"]} == versions(origin)
+            joined = await request_connection(origin, new_url)
             assert joined["status"] == "connected", joined
-            sent = await actions.send_message(origin, "hello from the node you came from", doc["agent_id"])
+            sent = await send_message(origin, "hello from the node you came from", doc["agent_id"])
             assert sent["deliveries"][doc["agent_id"]]["state"] == "delivered", sent
             async with streamable_http_client(f"{new_url}/mcp") as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
@@ -465,7 +492,7 @@ async def test_curl_bootstrap_bash_starts_a_node_that_joins_and_receives_a_messa
                         break
                     await asyncio.sleep(0.1)
                 assert again.status_code == 200
-                assert fetch_lines(again.text) == {p.file: p.sha256 for p in bootstrap.for_node(origin).ordered}
+                assert fetch_lines(again.text) == {p.file: p.sha256 for p in service.state_of(origin).ordered}
 
             # Idempotent: running the script again, or server.py, reuses everything and starts no second node.
             async with client(origin) as http:
@@ -502,3 +529,37 @@ async def test_curl_bootstrap_bash_starts_a_node_that_joins_and_receives_a_messa
             if pid is not None:
                 await stop_pid(pid)
         assert not pid_alive(pid)
+
+
+# --- the plugin on its own ---------------------------------------------------------------------------
+
+
+def test_templates_are_package_files_and_rendering_fills_every_marker():
+    folder = resources.files("darkmatter_bootstrap") / "templates"
+    for name in scripts.FILES:
+        assert (folder / name).read_text(encoding="utf-8") == scripts.TEMPLATES[name], name
+    assert scripts.MARKER.search(scripts.TEMPLATES["bootstrap.sh"])  # they are templates...
+    package = wheels.Package(file="x-1-py3-none-any.whl", sha256="0" * 64, distribution="x", version="1",
+                             role="plugin", plugin="x", data=b"")
+    script = scripts.render_script("http://127.0.0.1:9", [package])
+    launcher = scripts.render_server_py("http://127.0.0.1:9", [package])
+    assert not scripts.MARKER.search(script) and not scripts.MARKER.search(launcher)  # ...filled completely
+    assert scripts.TEMPLATES["helper.py"].rstrip() in script and scripts.TEMPLATES["helper.py"].rstrip() in launcher
+    compile(launcher, "server.py", "exec")
+    with pytest.raises(ValueError, match="do not match"):
+        scripts.fill("@@ORIGIN@@ @@OTHER@@", {"@@ORIGIN@@": "x"})  # a marker left unfilled
+    with pytest.raises(ValueError, match="do not match"):
+        scripts.fill("@@ORIGIN@@", {"@@ORIGIN@@": "x", "@@EXTRA@@": "y"})  # a value with no place
+
+
+async def test_the_kernel_serves_the_routes_without_http_transport(tmp_path):
+    async with kernel_node_context(tmp_path / "a", plugins="bootstrap") as node, client(node) as http:
+        assert (await ready(node)).status == "ready"
+        assert [p["name"] for p in node.plugin_list()] == ["bootstrap"]
+        reply = await http.get("/bootstrap")
+        assert reply.status_code == 200
+        assert set(fetch_lines(reply.text)) == {
+            f"darkmatter-{__version__}-py3-none-any.whl",
+            f"darkmatter_bootstrap-{versions(node)['bootstrap']}-py3-none-any.whl"}
+        assert (await http.get("/bootstrap/server.py")).status_code == 200
+        assert "darkmatter_get_server_template" in node.tools
