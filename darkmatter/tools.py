@@ -46,6 +46,12 @@ class Tool:
     plugin: str | None = None  # filled in by the kernel
     aliases: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for alias, canonical in self.aliases.items():
+            if canonical not in self.properties or alias in self.properties:
+                raise ValueError(f"tool {self.name}: alias {alias!r} must name a new spelling of a property, "
+                                 f"got {alias!r} -> {canonical!r}")
+
     @property
     def input_schema(self) -> dict:
         properties = dict(self.properties)

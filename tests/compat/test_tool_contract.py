@@ -32,7 +32,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from darkmatter import actions
 from darkmatter.testing import make_node, node_context
-from darkmatter.tools import Session
+from darkmatter.tools import Session, Tool
 
 pytestmark = pytest.mark.anyio
 
@@ -388,3 +388,17 @@ async def test_original_spellings_the_node_tolerates_and_the_ones_it_refuses(tmp
         # a required argument stays required, whatever the spelling
         missing = await client.call_tool("darkmatter_send_message", {"params": {"content": None}})
         assert missing.is_error and "content must be of type string" in missing.content[0].text
+
+
+def test_an_alias_must_name_a_new_spelling_of_an_existing_property():
+    async def handler(node, args, session):
+        return {}
+
+    props = {"agent_id": {"type": "string", "description": "who"}}
+    with pytest.raises(ValueError, match="alias 'peer'"):
+        Tool("darkmatter_x", "x", handler, props, ("agent_id",), aliases={"peer": "nobody"})
+    with pytest.raises(ValueError, match="alias 'agent_id'"):
+        Tool("darkmatter_x", "x", handler, props, ("agent_id",), aliases={"agent_id": "agent_id"})
+    tool = Tool("darkmatter_x", "x", handler, props, ("agent_id",), aliases={"peer": "agent_id"})
+    assert tool.input_schema["required"] == [] and set(tool.input_schema["properties"]) == {"agent_id", "peer"}
+    assert tool.prepare({"peer": "p1"}) == {"agent_id": "p1"}
