@@ -178,7 +178,10 @@ class McpServer:
         tool = self.node.tools.get(params.name)
         if tool is None:
             return _error_result(f"Unknown tool {params.name!r}. Available tools: {', '.join(self.node.tools)}.")
-        arguments = dict(params.arguments or {})
+        try:
+            arguments = tool.prepare(dict(params.arguments or {}))  # 0.2 spellings: envelope, nulls, aliases
+        except ToolError as exc:
+            return _error_result(str(exc))
         try:
             problem = self._argument_problem(tool, arguments)
         except jsonschema.SchemaError:
@@ -456,7 +459,10 @@ def _explain(err: jsonschema.ValidationError) -> str:
 
 
 def _error_result(message: str) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
+    # NOTE: the structured part keeps the original implementation's failure shape ({"success": false,
+    # "error"}) for scripts written against it; the text stays one readable line for the model.
+    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True,
+                                structured_content={"success": False, "error": message})
 
 
 def _refusal(status: int, code: str, error: str, headers: dict | None = None) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -23,6 +24,15 @@ Handler = Callable[[Any, dict, Session], Awaitable[dict]]
 
 @dataclass
 class Tool:
+    """One MCP tool.
+
+    ``aliases`` maps another accepted name of an argument to its canonical property (``{"agent_id":
+    "ask_agent_id"}``): the original implementation's name, or this node's earlier one. Both names are
+    advertised; a canonical property that has an alias is left out of the schema's ``required`` list (a
+    caller may use either spelling, and clients reject top-level ``anyOf``/``oneOf``) and :meth:`prepare`
+    requires one of them instead, with a readable error.
+    """
+
     name: str
     description: str
     handler: Handler
@@ -34,11 +44,61 @@ class Tool:
     open_world: bool = False
     title: str | None = None
     plugin: str | None = None  # filled in by the kernel
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for alias, canonical in self.aliases.items():
+            if canonical not in self.properties or alias in self.properties:
+                raise ValueError(f"tool {self.name}: alias {alias!r} must name a new spelling of a property, "
+                                 f"got {alias!r} -> {canonical!r}")
 
     @property
     def input_schema(self) -> dict:
-        return {"type": "object", "properties": self.properties, "required": list(self.required),
-                "additionalProperties": False}
+        properties = dict(self.properties)
+        for alias, canonical in self.aliases.items():
+            others = " or ".join(a for a, c in self.aliases.items() if c == canonical)
+            base = dict(self.properties[canonical])
+            if canonical in self.required:
+                properties[canonical] = dict(base, description=f"{base.get('description', '').rstrip()} "
+                                                               f"Required (or give it as {others}).")
+            properties[alias] = dict(base, description=f"Alias of {canonical}: give one of them, not both.")
+        required = [r for r in self.required if r not in self.aliases.values()]
+        return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+    def prepare(self, arguments: dict) -> dict:
+        """The arguments of a call as the handler reads them, before schema validation.
+
+        Accepts what callers of the original implementation (protocol 0.2, a FastMCP server) send: the
+        arguments wrapped in its ``{"params": {...}}`` envelope (also as a JSON string), ``null`` for an
+        optional argument it declared ``Optional[...] = None``, and an alias instead of a canonical name.
+        Raises :class:`ToolError` when an aliased argument is missing or given twice with different values.
+        """
+        args = dict(arguments)
+        if set(args) == {"params"} and "params" not in self.properties:
+            inner = args["params"]
+            if isinstance(inner, str):
+                try:
+                    inner = json.loads(inner)
+                except ValueError:
+                    inner = None
+            if not isinstance(inner, dict):
+                raise ToolError(f"Invalid arguments for {self.name}: params must be an object of arguments.")
+            args = dict(inner)
+        args = {k: v for k, v in args.items() if v is not None or k in self.required}
+        for alias, canonical in self.aliases.items():
+            if alias not in args:
+                continue
+            value = args.pop(alias)
+            if canonical in args and args[canonical] != value:
+                raise ToolError(f"Invalid arguments for {self.name}: {canonical} and its alias {alias} differ; "
+                                "give one of them.")
+            args[canonical] = value
+        for canonical in dict.fromkeys(self.aliases.values()):
+            if canonical in self.required and canonical not in args:
+                others = " or ".join(repr(a) for a, c in self.aliases.items() if c == canonical)
+                raise ToolError(f"Invalid arguments for {self.name}: {canonical!r} is a required property "
+                                f"(or give it as {others}).")
+        return args
 
     @property
     def annotations(self) -> dict:

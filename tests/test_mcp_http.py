@@ -87,7 +87,8 @@ async def test_domain_errors_come_back_as_tool_errors(tmp_path, mode, version):
 
         ok = await c.call_tool("darkmatter_update_bio", {"bio": "I review Python code."})
         assert not ok.is_error
-        assert ok.structured_content == {"updated": True, "bio": "I review Python code.", "display_name": None}
+        assert ok.structured_content == {"success": True, "updated": True, "bio": "I review Python code.",
+                                         "display_name": None}
         assert node.state["bio"] == "I review Python code."
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from darkmatter import hookimpl
 from darkmatter.mesh import outbound as actions
 from darkmatter.mesh.healing import fetch_well_known
 from darkmatter.mesh.inbound import hops_remaining
+from darkmatter.mesh.connections import MAX_CONNECTIONS
 from darkmatter.tools import Tool, ToolError, boolean, integer, obj, string
 from darkmatter.wire import MAX_CONTENT_BYTES, MAX_IMPRESSION, MAX_NOTE, ProtocolError, check_url, normalize
 
@@ -20,6 +22,18 @@ def _preview(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _words(text: str | None, limit: int) -> str | None:
+    """At most ``limit`` words of ``text`` (the original's ``bio_summary``)."""
+    if not text:
+        return None
+    words = text.split()
+    return text if len(words) <= limit else " ".join(words[:limit]) + "..."
+
+
+# NOTE: results keep every top-level key (and list-entry key) of the original implementation's tools
+# (protocol 0.2) with its meaning, beside what 0.3 adds; tests/compat/test_tool_contract.py holds the list.
+
+
 def connection_view(node, conn: dict) -> dict:
     failures = conn.get("health_failures") or 0
     return {"agent_id": conn["agent_id"], "agent_url": conn.get("agent_url"),
@@ -30,15 +44,18 @@ def connection_view(node, conn: dict) -> dict:
             "avg_response_time_ms": actions.response_time_ms(conn), "last_activity": conn.get("last_activity"),
             "health": "ok" if failures == 0 else ("degraded" if failures < 3 else "unreachable"),
             "health_failures": failures, "agent_public_key_hex": conn.get("agent_public_key_hex"),
-            "protocol_version": conn.get("protocol_version"), "transport": conn.get("transport", "http")}
+            "protocol_version": conn.get("protocol_version"), "transport": conn.get("transport", "http"),
+            # the original's names for the same facts
+            "agent_bio": conn.get("agent_bio"), "bio_summary": _words(conn.get("agent_bio"), 250),
+            "crypto": conn.get("agent_public_key_hex") is not None}
 
 
 def inbox_view(entry: dict, full: bool = False) -> dict:
     view = {k: entry.get(k) for k in ("message_id", "from_agent_id", "hops_remaining", "received_at",
                                       "verified", "signature_version", "forwarded_to", "metadata")}
     view["content"] = entry["content"] if full else _preview(entry["content"])
-    if full:
-        view["webhook"] = entry.get("webhook")
+    view["webhook"] = entry.get("webhook")
+    view["can_forward"] = (entry.get("hops_remaining") or 0) > 0
     return view
 
 
@@ -46,11 +63,13 @@ def sent_view(sent: dict, full: bool = False) -> dict:
     view = {"message_id": sent["message_id"], "status": sent.get("status"), "created_at": sent.get("created_at"),
             "initial_hops": sent.get("initial_hops"), "hops_remaining": hops_remaining(sent),
             "routed_to": sent.get("routed_to", []), "response_count": len(sent.get("responses", [])),
-            "content": sent.get("content", "") if full else _preview(sent.get("content", ""))}
+            "content": sent.get("content", "") if full else _preview(sent.get("content", "")),
+            "webhook": sent.get("webhook"), "updates_count": len(sent.get("updates", [])),
+            "forwarding_count": sum(1 for u in sent.get("updates", []) if u.get("type") == "forwarded")}
     if full:
         view.update(updates=sent.get("updates", []), responses=sent.get("responses", []),
                     response=sent.get("response"), deliveries=sent.get("deliveries", {}),
-                    metadata=sent.get("metadata", {}), webhook=sent.get("webhook"))
+                    metadata=sent.get("metadata", {}))
     return view
 
 
@@ -58,29 +77,70 @@ def sent_view(sent: dict, full: bool = False) -> dict:
 
 
 async def request_connection(node, args, session):
-    return await actions.request_connection(node, args["target_url"])
+    result = await actions.request_connection(node, args["target_url"])
+    conn = node.connections.get(result.get("agent_id") or "")
+    if result.get("status") == "connected" and conn is not None:
+        result.setdefault("agent_bio", conn.get("agent_bio"))
+    return result
 
 
 async def respond_connection(node, args, session):
-    return await actions.respond_connection(node, args["request_id"], bool(args["accept"]))
+    accept = bool(args["accept"])
+    result = await actions.respond_connection(node, args["request_id"], accept)
+    result.setdefault("accepted", accept)
+    return result
 
 
 async def disconnect(node, args, session):
-    return await actions.disconnect(node, args["agent_id"])
+    result = await actions.disconnect(node, args["agent_id"])
+    result.setdefault("disconnected_from", args["agent_id"])
+    return result
 
 
 async def send_message(node, args, session):
-    return await actions.send_message(node, args["content"], args.get("target_agent_id") or None,
-                                      args.get("metadata"), args.get("hops_remaining", 10))
+    hops = args.get("hops_remaining", 10)
+    result = await actions.send_message(node, args["content"], args.get("target_agent_id") or None,
+                                        args.get("metadata"), hops)
+    result.setdefault("hops_remaining", hops)
+    failed = [{"agent_id": agent_id, "display_name": (node.connections.get(agent_id) or {}).get("agent_display_name"),
+               "error": d.get("last_error")}
+              for agent_id, d in (result.get("deliveries") or {}).items() if d.get("state") == "failed"]
+    if failed:
+        result.setdefault("failed", failed)
+        if not result.get("success"):
+            result.setdefault("error", f"Message could not be delivered to any of {len(failed)} target(s). "
+                                       "Check 'failed' for details.")
+    return result
 
 
 async def respond_message(node, args, session):
-    return await actions.respond_message(node, args["message_id"], args["response"], args.get("metadata"))
+    entry = next((m for m in node.state["inbox"] if m.get("message_id") == args["message_id"]), None)
+    conn = node.connections.get((entry or {}).get("from_agent_id") or "") or {}
+    total_before = conn.get("total_response_time_ms") or 0.0
+    started = time.monotonic()
+    result = await actions.respond_message(node, args["message_id"], args["response"], args.get("metadata"))
+    # the original's response_time_ms: how long the webhook POST took (0 when it did not get through)
+    latency = (conn.get("total_response_time_ms") or 0.0) - total_before
+    if result.get("delivery") != "delivered":
+        latency = 0.0
+    elif latency <= 0:
+        latency = (time.monotonic() - started) * 1000
+    result.setdefault("webhook_called", (entry or {}).get("webhook"))
+    result.setdefault("response_time_ms", round(latency, 2))
+    result.setdefault("error", None if result.get("success") else result.get("last_error"))
+    return result
 
 
 async def forward_message(node, args, session):
-    return await actions.forward_message(node, args["message_id"], args["target_agent_id"], args.get("note"),
-                                         bool(args.get("force", False)))
+    note = args.get("note")
+    result = await actions.forward_message(node, args["message_id"], args["target_agent_id"], note,
+                                           bool(args.get("force", False)))
+    result.setdefault("forwarded_to", args["target_agent_id"])
+    result.setdefault("hops_remaining_for_target", result.get("hops_remaining"))
+    result.setdefault("note", note)
+    result.setdefault("hint", "Message stays in your inbox — you can forward to more agents (forking) or use "
+                              "darkmatter_respond_message to remove it.")
+    return result
 
 
 async def get_message(node, args, session):
@@ -121,22 +181,37 @@ async def expire_message(node, args, session):
 
 async def list_connections(node, args, session):
     conns = [connection_view(node, c) for c in node.connections.values()]
-    return {"total": len(conns), "connections": conns}
+    for view in conns:
+        impression = node.state["impressions"].get(view["agent_id"])
+        if impression:
+            view["impression"] = _words(impression, 500)
+    return {"total": len(conns), "max_connections": MAX_CONNECTIONS, "connections": conns}
 
 
 async def list_pending_requests(node, args, session):
-    pending = [{"request_id": rid, **{k: v for k, v in entry.items() if k != "request_id"}}
+    pending = [{"request_id": rid, **{k: v for k, v in entry.items() if k != "request_id"},
+                "crypto": entry.get("from_agent_public_key_hex") is not None}
                for rid, entry in node.state["pending_requests"].items()]
     outbound = [{"target": p["target_base"], "expected_agent_id": p.get("expected_agent_id"),
                  "created_at": p.get("created_at")} for p in node.state["pending_outbound"]]
-    return {"incoming": pending, "outgoing": outbound, "notices": node.state["notices"][-20:]}
+    # "total" and "requests" are the original's; "incoming" is the same list under its 0.3 name
+    return {"total": len(pending), "requests": pending, "incoming": pending, "outgoing": outbound,
+            "notices": node.state["notices"][-20:]}
+
+
+def accepting_connections(node) -> bool:
+    return node.state.get("status", "active") == "active" and len(node.connections) < MAX_CONNECTIONS
 
 
 async def network_info(node, args, session):
+    conns = list(node.connections.values())
     return {"agent_id": node.agent_id, "agent_url": node.base_url, "display_name": node.state.get("display_name"),
-            "bio": node.state.get("bio"), "is_genesis": bool(node.state.get("is_genesis")),
+            "bio": node.state.get("bio"), "public_key_hex": node.public_key_hex,
+            "accepting_connections": accepting_connections(node), "is_genesis": bool(node.state.get("is_genesis")),
+            "peers": [{"agent_id": c["agent_id"], "agent_url": c.get("agent_url"), "agent_bio": c.get("agent_bio"),
+                       "display_name": c.get("agent_display_name")} for c in conns],
             "connections": [{"agent_id": c["agent_id"], "agent_url": c.get("agent_url"),
-                             "display_name": c.get("agent_display_name")} for c in node.connections.values()],
+                             "display_name": c.get("agent_display_name")} for c in conns],
             "discovered_peers": list(node.discovered.values()), "discovery_enabled": node.config.discovery}
 
 
@@ -151,21 +226,25 @@ async def discover_domain(node, args, session):
             raise ToolError(f"Invalid domain {domain!r}: {exc.error}") from None
         doc = await fetch_well_known(node, base, strict=False)
         if doc is not None:
-            return {"found": True, "url": base, "agent_id": doc.get("agent_id"),
+            # the original answered {"found": true, **document}: keep the document's keys
+            return {**doc, "found": True, "url": base, "agent_id": doc.get("agent_id"),
                     "display_name": doc.get("display_name"), "bio": doc.get("bio"),
                     "accepting_connections": doc.get("accepting_connections"),
                     "protocol_version": doc.get("protocol_version"), "mesh_url": doc.get("mesh_url")}
         errors.append(base)
-    return {"found": False, "tried": errors, "message": "No DarkMatter node answered at that domain."}
+    message = "No DarkMatter node answered at that domain."
+    return {"found": False, "tried": errors, "message": message, "error": message}
 
 
 async def set_impression(node, args, session):
     text = args["impression"]
     if len(text) > MAX_IMPRESSION:
         raise ToolError(f"An impression is at most {MAX_IMPRESSION} characters.")
+    existed = args["agent_id"] in node.state["impressions"]
     node.state["impressions"][args["agent_id"]] = text
     await node.save()
-    return {"success": True, "agent_id": args["agent_id"]}
+    return {"success": True, "agent_id": args["agent_id"], "action": "updated" if existed else "created",
+            "impression": text}
 
 
 async def get_impression(node, args, session):
@@ -176,11 +255,13 @@ async def get_impression(node, args, session):
 async def delete_impression(node, args, session):
     existed = node.state["impressions"].pop(args["agent_id"], None) is not None
     await node.save()
-    return {"success": True, "deleted": existed}
+    return {"success": True, "deleted": existed, "agent_id": args["agent_id"],
+            "action": "deleted" if existed else "none"}
 
 
 async def ask_impression(node, args, session):
-    return await actions.ask_impression(node, args["agent_id"], args["about_agent_id"])
+    result = await actions.ask_impression(node, args["ask_agent_id"], args["about_agent_id"])
+    return {"success": True, "asked": args["ask_agent_id"], **result}
 
 
 TOOLS = [
@@ -247,9 +328,11 @@ TOOLS = [
     Tool("darkmatter_delete_impression", "Forget your impression of an agent.", delete_impression,
          {"agent_id": string("The agent.", max_length=128)}, ("agent_id",), destructive=True, idempotent=True),
     Tool("darkmatter_ask_impression", "Ask one of your connections what it thinks of another agent.",
-         ask_impression, {"agent_id": AGENT_ID,
+         ask_impression, {"ask_agent_id": string("The connection to ask (see darkmatter_list_connections).",
+                                                 min_length=1, max_length=128),
                           "about_agent_id": string("The agent you want an opinion on.", max_length=128)},
-         ("agent_id", "about_agent_id"), read_only=True, open_world=True),
+         ("ask_agent_id", "about_agent_id"), read_only=True, open_world=True,
+         aliases={"agent_id": "ask_agent_id"}),
 ]
 
 

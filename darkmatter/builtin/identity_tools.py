@@ -22,21 +22,25 @@ async def authenticate(node, args: dict, session) -> dict:
         derived = Identity.from_private_hex(given).public_key_hex
         if not hmac.compare_digest(derived, node.public_key_hex):
             raise ToolError("That private key does not belong to this node: it derives a different public key.")
-        _claim(node)
-        return {"authenticated": True, "agent_id": node.agent_id, "public_key_hex": node.public_key_hex}
+        status = _claim(node)
+        return {"authenticated": True, "success": True, "status": status, "agent_id": node.agent_id,
+                "public_key_hex": node.public_key_hex}
     if not session.local:
         raise ToolError("The private key is only returned to a local session (stdio or a loopback HTTP client). "
                         "Pass private_key_hex to verify a key you already hold.")
-    _claim(node)
-    return {"authenticated": True, "agent_id": node.agent_id, "public_key_hex": node.public_key_hex,
-            "private_key_hex": node.state["private_key_hex"],
+    status = _claim(node)
+    return {"authenticated": True, "success": True, "status": status, "agent_id": node.agent_id,
+            "public_key_hex": node.public_key_hex, "private_key_hex": node.state["private_key_hex"],
             "warning": "This key is the agent's identity. Keep it secret; never send it to a peer."}
 
 
-def _claim(node) -> None:
-    if not node.state.get("claimed"):
-        node.state["claimed"] = True
-        node.save_soon()
+def _claim(node) -> str:
+    """Mark the node claimed; the original's status word: ``claimed`` the first time, else ``authenticated``."""
+    if node.state.get("claimed"):
+        return "authenticated"
+    node.state["claimed"] = True
+    node.save_soon()
+    return "claimed"
 
 
 async def get_identity(node, args: dict, session) -> dict:
@@ -44,7 +48,11 @@ async def get_identity(node, args: dict, session) -> dict:
     return {"agent_id": node.agent_id, "display_name": state.get("display_name"), "bio": state.get("bio"),
             "public_key_hex": node.public_key_hex, "status": state.get("status"),
             "is_genesis": bool(state.get("is_genesis")), "url": node.base_url, "port": node.port,
-            "created_at": state.get("created_at"), "protocol_version": PROTOCOL_VERSION, "version": __version__}
+            "created_at": state.get("created_at"), "protocol_version": PROTOCOL_VERSION, "version": __version__,
+            # the original's counters
+            "num_connections": len(node.connections), "num_pending_requests": len(state.get("pending_requests") or {}),
+            "messages_handled": state.get("messages_handled", 0), "message_queue_size": len(state.get("inbox") or []),
+            "sent_messages_count": len(state.get("sent_messages") or {})}
 
 
 async def update_bio(node, args: dict, session) -> dict:
@@ -60,7 +68,7 @@ async def update_bio(node, args: dict, session) -> dict:
         node.state["display_name"] = name[:MAX_NAME]
     await node.save()
     node.changed()
-    return {"updated": True, "bio": node.state["bio"], "display_name": node.state.get("display_name")}
+    return {"success": True, "updated": True, "bio": node.state["bio"], "display_name": node.state.get("display_name")}
 
 
 async def set_status(node, args: dict, session) -> dict:
@@ -73,7 +81,7 @@ async def set_status(node, args: dict, session) -> dict:
     note = ("Peers can connect and send you messages." if status == "active" else
             "Peers get 503 'Agent is currently inactive' for connection requests and messages until you "
             "set status=active.")
-    return {"status": status, "previous": previous, "note": note}
+    return {"success": True, "status": status, "previous": previous, "note": note}
 
 
 async def status(node, args: dict, session) -> dict:

@@ -68,7 +68,13 @@ def template(node) -> dict:
 
 
 async def _template_handler(node, args: dict, session) -> dict:
-    return template(node)
+    result = template(node)
+    # the original implementation's keys (protocol 0.2), beside the new ones
+    source = state_of(node).server_py
+    result.update(template_from=node.agent_id, server_source=source.decode() if source else None,
+                  bootstrap_instructions={str(i): step for i, step in enumerate(result["bootstrap_steps"], 1)},
+                  core_primitives=[p["tool"] for p in PRIMITIVES], compatibility_note=result["compatibility"])
+    return result
 
 
 def server_template_tool() -> Tool:

@@ -63,7 +63,12 @@ def dm_register_tools(register, node):
             manager = transport_of(node)
         except LookupError as exc:
             raise ToolError(str(exc)) from None
-        return await signalling.upgrade(manager, args.get("agent_id"))
+        result = await signalling.upgrade(manager, args.get("agent_id"))
+        # the original implementation's names (protocol 0.2) beside the new ones
+        result.setdefault("already_upgraded", bool(result.get("already_open")))
+        result.setdefault("display_name", (node.connections.get(result.get("agent_id")) or {}).get(
+            "agent_display_name"))
+        return result
 
     register(Tool(
         name="darkmatter_upgrade_webrtc",
