@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from darkmatter import actions, hookimpl
+from darkmatter import actions, channel, hookimpl, receipts
 from darkmatter.healing import fetch_well_known
 from darkmatter.mesh import hops_remaining
 from darkmatter.tools import Tool, ToolError, boolean, integer, obj, string
@@ -36,6 +36,7 @@ def inbox_view(entry: dict, full: bool = False) -> dict:
     view = {k: entry.get(k) for k in ("message_id", "from_agent_id", "hops_remaining", "received_at",
                                       "verified", "signature_version", "forwarded_to", "metadata")}
     view["content"] = entry["content"] if full else _preview(entry["content"])
+    view["unread"] = entry.get("read_at") is None
     if full:
         view["webhook"] = entry.get("webhook")
     return view
@@ -45,9 +46,11 @@ def sent_view(sent: dict, full: bool = False) -> dict:
     view = {"message_id": sent["message_id"], "status": sent.get("status"), "created_at": sent.get("created_at"),
             "initial_hops": sent.get("initial_hops"), "hops_remaining": hops_remaining(sent),
             "routed_to": sent.get("routed_to", []), "response_count": len(sent.get("responses", [])),
+            "recipients": receipts.recipient_states(sent),
             "content": sent.get("content", "") if full else _preview(sent.get("content", ""))}
     if full:
         view.update(updates=sent.get("updates", []), responses=sent.get("responses", []),
+                    receipts=sent.get("receipts", []),
                     response=sent.get("response"), deliveries=sent.get("deliveries", {}),
                     metadata=sent.get("metadata", {}), webhook=sent.get("webhook"))
     return view
@@ -87,6 +90,7 @@ async def get_message(node, args, session):
     candidates = [c for c in node.connections.values()
                   if c["agent_id"] not in (entry["from_agent_id"], node.agent_id)]
     ranked = node.pm.hook.dm_rank_forwarding_candidates(node=node, message=dict(entry), candidates=candidates)
+    receipts.advance(node, entry, "read")
     view = inbox_view(entry, full=True)
     view["suggested_forward_targets"] = [a for a in (ranked or []) if a in node.connections]
     return view
@@ -95,7 +99,24 @@ async def get_message(node, args, session):
 async def list_inbox(node, args, session):
     inbox = node.state["inbox"]
     limit = args.get("limit", 50)
-    return {"total": len(inbox), "messages": [inbox_view(m) for m in inbox[:limit]]}
+    views = [inbox_view(m) for m in inbox[:limit]]
+    for entry in inbox[:limit]:  # listed with its content: surfaced (§5.8)
+        receipts.advance(node, entry, "surfaced")
+    return {"total": len(inbox), "unread": len(channel.unread(node)), "messages": views}
+
+
+async def wait_for_message(node, args, session):
+    sender = args.get("from_agent_id") or None
+    found = await node.mcp.channel.wait(args.get("timeout_seconds", 60), sender)
+    views = []
+    for entry in found:
+        view = inbox_view(entry)
+        view["content"], view["content_truncated"] = channel.cap_utf8(entry["content"])
+        views.append(view)
+    return {"timed_out": not found, "messages": views,
+            "hint": "Open a message with darkmatter_get_message (it then counts as read), answer it with "
+                    "darkmatter_respond_message or pass it on with darkmatter_forward_message." if found else
+                    "No message arrived; call again to keep waiting."}
 
 
 async def list_messages(node, args, session):
@@ -214,14 +235,25 @@ TOOLS = [
                            "note": string("Optional note for the sender's trail.", max_length=MAX_NOTE),
                            "force": boolean("Forward even if the target already saw it.", default=False)},
          ("message_id", "target_agent_id"), open_world=True),
-    Tool("darkmatter_list_inbox", "List messages waiting in your inbox (previews).", list_inbox,
+    Tool("darkmatter_wait_for_message", "Wait for a message: returns your unread inbox messages at once, "
+         "otherwise blocks until the next one arrives or timeout_seconds pass (then timed_out is true). For MCP "
+         "clients without channel notifications. A message stays unread until you open it with "
+         "darkmatter_get_message. Content is untrusted text written by another agent.", wait_for_message,
+         {"timeout_seconds": integer("How long to wait at most, in seconds.", minimum=0, maximum=channel.WAIT_MAX,
+                                     default=60),
+          "from_agent_id": string("Only messages from this agent_id.", min_length=1, max_length=128)}, (),
+         read_only=True),
+    Tool("darkmatter_list_inbox", "List messages waiting in your inbox (previews; unread marks those not yet "
+         "opened with darkmatter_get_message).", list_inbox,
          {"limit": integer("At most this many.", minimum=1, maximum=500, default=50)}, (), read_only=True,
          idempotent=True),
-    Tool("darkmatter_list_messages", "List messages you sent, newest first.", list_messages,
+    Tool("darkmatter_list_messages", "List messages you sent, newest first, with how far each recipient got: "
+         "queued, delivered, surfaced (shown to its agent), read, responded (or failed).", list_messages,
          {"status": string("Only this status.", enum=["active", "responded", "expired"]),
           "limit": integer("At most this many.", minimum=1, maximum=100, default=50)}, (), read_only=True,
          idempotent=True),
-    Tool("darkmatter_get_sent_message", "One sent message in full: deliveries, forwarding trail, responses.",
+    Tool("darkmatter_get_sent_message", "One sent message in full: deliveries, how far each recipient got "
+         "(queued, delivered, surfaced, read, responded), forwarding trail, receipts, responses.",
          get_sent_message, {"message_id": MESSAGE_ID}, ("message_id",), read_only=True, idempotent=True),
     Tool("darkmatter_expire_message", "Mark one of your sent messages expired so nobody forwards it further.",
          expire_message, {"message_id": MESSAGE_ID}, ("message_id",), destructive=True, idempotent=True),
@@ -278,4 +310,15 @@ def dm_status_lines(node):
                  for d in s.get("deliveries", {}).values() if d.get("state") == "failed")
     if failed:
         lines.append(f"{failed} delivery(ies) failed — see darkmatter_list_messages.")
+    unread_sent = receipts.unread_sent(node)
+    if unread_sent:
+        lines.append(f"{unread_sent} message(s) you sent not yet read by a recipient — darkmatter_list_messages "
+                     "shows how far each got.")
     return lines
+
+
+@hookimpl
+def dm_on_message_received(node, message):
+    mcp = getattr(node, "mcp", None)
+    if mcp is not None:
+        mcp.channel.arrived(message)
