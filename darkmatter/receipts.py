@@ -14,6 +14,7 @@ Owner side. :func:`check` and :func:`record` are what the webhook handler does w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 STATES = ("surfaced", "read")
 RANK = {"failed": 0, "queued": 1, "delivered": 2, "surfaced": 3, "read": 4, "responded": 5}
 MAX_RECEIPTS = 200
+PROBE_DELAYS = (0.5, 1.0, 2.0, 4.0)  # pauses between asking a webhook owner that cannot tell yet
 OUTBOX_ROOM = 250  # receipts are advisory: never queued once the outbox (cap 500, §13.2) is half full
 
 
@@ -56,7 +58,15 @@ def advance(node: Node, entry: dict, state: str) -> bool:
 async def _send(node: Node, entry: dict, state: str) -> None:
     message_id = entry["message_id"]
     webhook = entry.get("webhook")
-    if webhook_problem(webhook, message_id) or not await owner_speaks_03(node, entry):
+    if webhook_problem(webhook, message_id):
+        return
+    verdict = await owner_protocol(node, entry)
+    for delay in PROBE_DELAYS:
+        if verdict is not None:
+            break
+        await asyncio.sleep(delay)
+        verdict = await owner_protocol(node, entry)
+    if verdict != "0.3":
         return
     outbox = node.outbox
     if outbox is None or len(outbox.entries) >= OUTBOX_ROOM:
@@ -81,16 +91,17 @@ def _speaks_03(conn: dict) -> bool:
         return False
 
 
-async def owner_speaks_03(node: Node, entry: dict) -> bool:
-    """Does the owner of the entry's webhook speak 0.3? Remembered on the entry once known.
+async def owner_protocol(node: Node, entry: dict) -> str | None:
+    """``"0.3"`` or ``"0.2"``: the protocol of the entry's webhook owner, remembered on the entry once known;
+    None while it cannot be told yet.
 
     A message that came straight from its originator has the sender's URL as its webhook base, and the
     connection says which protocol the sender speaks. Otherwise (a forwarded message) the webhook's GET reply
-    says it: only 0.3 owners report ``origin_agent_id`` (§5.7); while that reply does not show this node on
-    the route yet, no receipt is sent (a later state asks again)."""
+    says it: only 0.3 owners report ``origin_agent_id`` (§5.7). Until that reply shows this node on the route
+    (the forwarder's ``forwarded`` update may still be on its way), the answer is None."""
     known = entry.get("owner_protocol")
     if known in ("0.2", "0.3"):
-        return known == "0.3"
+        return known
     webhook = entry["webhook"]
     conn = node.connections.get(entry.get("from_agent_id") or "")
     if conn is not None and urls_match(webhook.split("/__darkmatter__/", 1)[0], conn.get("agent_url")):
@@ -99,7 +110,7 @@ async def owner_speaks_03(node: Node, entry: dict) -> bool:
         reply = await node.net.request("GET", webhook, timeout=10.0, max_bytes=64 * 1024, strict=True)
         body = reply.body if reply.status == 200 and isinstance(reply.body, dict) else None
         if body is None:
-            return False
+            return None
         if not isinstance(body.get("origin_agent_id"), str):
             verdict = "0.2"
         elif node.agent_id in _list(body.get("routed_to")) or any(
@@ -107,9 +118,9 @@ async def owner_speaks_03(node: Node, entry: dict) -> bool:
                 for u in _list(body.get("updates"))):
             verdict = "0.3"
         else:
-            return False
+            return None
     entry["owner_protocol"] = verdict
-    return verdict == "0.3"
+    return verdict
 
 
 def _list(value: Any) -> list:
