@@ -51,7 +51,6 @@ def advance(node: Node, entry: dict, state: str) -> bool:
     node.save_soon()
     if node.config.receipts:
         node.spawn(_send(node, entry, fresh), name="receipt")
-    node.changed()
     return True
 
 
