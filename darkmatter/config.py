@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 
 _TRUE = {"1", "true", "yes", "on"}
+CHANNEL_MODES = ("verified", "all", "off")
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -108,6 +109,8 @@ class Config:
     plugins: str | None = None  # None = all installed
     disable: tuple[str, ...] = ()
     storage: str = "json"
+    channel: str = "verified"  # which inbox arrivals are pushed to MCP sessions (§12.5): verified, all, off
+    receipts: bool = True  # send delivery receipts to 0.3 originators (§5.8)
     env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -142,6 +145,9 @@ class Config:
         rate = env.get("DARKMATTER_RATE_LIMITS", "on").strip().lower()
         if rate not in ("on", "off", "true", "false"):
             raise ConfigError(f"DARKMATTER_RATE_LIMITS={rate!r} must be on or off")
+        channel = (env.get("DARKMATTER_CHANNEL") or "verified").strip().lower()
+        if channel not in CHANNEL_MODES:
+            raise ConfigError(f"DARKMATTER_CHANNEL={channel!r} must be verified, all or off")
         plugins = overrides.pop("plugins", None)
         if plugins is None:
             plugins = env.get("DARKMATTER_PLUGINS")
@@ -167,6 +173,8 @@ class Config:
             plugins=plugins,
             disable=disable,
             storage=(env.get("DARKMATTER_STORAGE") or "json").strip(),
+            channel=channel,
+            receipts=env_bool(env, "DARKMATTER_RECEIPTS", True),
             env=env,
         )
         for key, value in overrides.items():

@@ -9,6 +9,11 @@ and ``node.changed()`` sends ``notifications/tools/list_changed`` (debounced) to
 (2025-era) sessions over stdio and HTTP on their standalone channel, 2026-era clients on their
 ``subscriptions/listen`` streams.
 
+Channels (§12.5, ``darkmatter/channel.py``): the server declares the experimental capability ``claude/channel``
+and pushes each inbox arrival as ``notifications/claude/channel`` the same ways — to handshake sessions on their
+standalone channel (stdio, and HTTP sessions with their GET stream open), and to 2026-era listen streams whose
+filter asks for it with the key ``"claude/channel": true``.
+
 ``/mcp`` (exactly; ``/mcp/`` is 404) serves streamable HTTP with stateful sessions behind the §12.2 Host and
 Origin checks and the §12.3 authentication (loopback clients automatically, others with the bearer token).
 """
@@ -22,22 +27,27 @@ import hmac
 import ipaddress
 import json
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 from urllib.parse import urlsplit
 
+import anyio
 import jsonschema
 import mcp_types as types
 from mcp.server.caching import CacheHint
 from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.stdio import stdio_server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp.shared.subscriptions import SUBSCRIPTION_ID_META_KEY, event_matches, event_to_notification
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import Field
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, NoMatchFound
 
-from darkmatter import __version__
+from darkmatter import __version__, channel
 from darkmatter.tools import Session, Tool, ToolError
 from darkmatter.wire import ProtocolError
 
@@ -102,12 +112,115 @@ def live_status(node: Node) -> list[str]:
 
 
 class _Server(Server):
-    """The low-level server, advertising ``tools.listChanged`` on every handshake (stdio and HTTP alike)."""
+    """The low-level server, advertising ``tools.listChanged`` on every handshake (stdio and HTTP alike) and
+    ``experimental_defaults`` (``claude/channel``) in every era's capabilities (handshake and ``server/discover``)."""
+
+    experimental_defaults: dict[str, dict[str, Any]] = {}
 
     def create_initialization_options(self, notification_options=None, experimental_capabilities=None,
                                       extensions=None):
         return super().create_initialization_options(
             notification_options or NotificationOptions(tools_changed=True), experimental_capabilities, extensions)
+
+    def get_capabilities(self, notification_options=None, experimental_capabilities=None, extensions=None, *,
+                         protocol_version=None):
+        if experimental_capabilities is None and self.experimental_defaults:
+            experimental_capabilities = dict(self.experimental_defaults)
+        return super().get_capabilities(notification_options, experimental_capabilities, extensions,
+                                        protocol_version=protocol_version)
+
+
+class _ChannelParams(types.NotificationParams):
+    content: str
+    channel_meta: dict[str, str] = Field(alias="meta")
+
+
+class _ChannelNotification(types.Notification[_ChannelParams, Literal["notifications/claude/channel"]]):
+    method: Literal["notifications/claude/channel"] = channel.METHOD
+    params: _ChannelParams
+
+
+@dataclass(frozen=True)
+class _Push:
+    params: dict
+
+
+class ListenStreams:
+    """Serves ``subscriptions/listen`` (2026 era): one call is one stream. It carries the change events the
+    filter asked for (published on ``bus``, as the SDK's ``ListenHandler`` does) and, when the filter carries
+    ``"claude/channel": true`` (echoed in the acknowledgement), channel notifications. A stream whose client
+    stops reading is ended once ``max_buffered`` items wait (the client re-listens)."""
+
+    def __init__(self, bus: InMemorySubscriptionBus, *, max_streams: int = 1024, max_buffered: int = 1024):
+        self._bus = bus
+        self._max_streams = max_streams
+        self._max_buffered = max_buffered
+        self._streams: dict[Any, bool] = {}  # send side of each open stream -> does it want channel pushes
+
+    async def __call__(self, ctx, params: types.SubscriptionsListenRequestParams) -> types.SubscriptionsListenResult:
+        subscription_id = ctx.request_id
+        if subscription_id is None:
+            raise MCPError(types.INVALID_REQUEST, "subscriptions/listen requires a request id")
+        if len(self._streams) >= self._max_streams:
+            raise MCPError(types.INTERNAL_ERROR, "Subscription limit reached")
+        wanted = params.notifications
+        wants_channel = (wanted.model_extra or {}).get(channel.LISTEN_KEY) is True
+        honored = types.SubscriptionFilter(
+            tools_list_changed=wanted.tools_list_changed or None,
+            prompts_list_changed=wanted.prompts_list_changed or None,
+            resources_list_changed=wanted.resources_list_changed or None,
+            resource_subscriptions=list(wanted.resource_subscriptions or ()) or None,
+            **({channel.LISTEN_KEY: True} if wants_channel else {}))
+        uris = frozenset(honored.resource_subscriptions or ())
+        meta = {SUBSCRIPTION_ID_META_KEY: subscription_id}
+        send, recv = anyio.create_memory_object_stream(self._max_buffered)
+
+        def deliver(event) -> None:
+            if event_matches(honored, uris, event):
+                self._offer(send, event)
+
+        # Subscribed before the acknowledgement is written, so nothing published meanwhile is lost; it is
+        # still the first frame, since only this task writes the stream.
+        unsubscribe = self._bus.subscribe(deliver)
+        self._streams[send] = wants_channel
+        try:
+            await ctx.session.send_notification(types.SubscriptionsAcknowledgedNotification(
+                params=types.SubscriptionsAcknowledgedNotificationParams(notifications=honored, _meta=meta)),
+                related_request_id=subscription_id)
+            async for item in recv:
+                if isinstance(item, _Push):
+                    note = _ChannelNotification(params=_ChannelParams(
+                        content=item.params["content"], meta=item.params["meta"], _meta=meta))
+                else:
+                    note = event_to_notification(item, meta)
+                await ctx.session.send_notification(note, related_request_id=subscription_id)
+        finally:
+            unsubscribe()
+            self._streams.pop(send, None)
+            send.close()
+            recv.close()
+        return types.SubscriptionsListenResult(_meta=meta)
+
+    def _offer(self, send, item) -> bool:
+        try:
+            send.send_nowait(item)
+            return True
+        except anyio.ClosedResourceError:
+            return False
+        except anyio.WouldBlock:
+            log.warning("a listen stream's client stopped reading; ending that stream")
+            self._streams.pop(send, None)
+            send.close()
+            return False
+
+    def push(self, params: dict) -> int:
+        """Queue a channel notification on every stream that asked for them; return how many took it."""
+        return sum(self._offer(send, _Push(params)) for send, wants in list(self._streams.items()) if wants)
+
+    def close(self) -> None:
+        """End every stream gracefully (each sends its result after what it has buffered)."""
+        for send in list(self._streams):
+            send.close()
 
 
 class McpServer:
@@ -117,7 +230,9 @@ class McpServer:
     def __init__(self, node: Node):
         self.node = node
         self.bus = InMemorySubscriptionBus()
-        self._listen = ListenHandler(self.bus)
+        self._listen = ListenStreams(self.bus)
+        self.channel = channel.Channel(node, self.push_channel)
+        self._get_streams: collections.Counter[str] = collections.Counter()  # session id -> open GET streams
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
         # Handshake-era connections (stdio and HTTP): key -> (connection, transport kind).
         self._legacy: dict[int, tuple[Any, str]] = {}
@@ -128,13 +243,16 @@ class McpServer:
         self._manager: StreamableHTTPSessionManager | None = None
         self.notifications_sent = 0
         self.protocol_versions: collections.Counter[str] = collections.Counter()  # requests per version
+        channels = node.config.channel != "off"
         self.server = _Server(
-            "darkmatter", version=__version__, title="DarkMatter", instructions=INSTRUCTIONS,
+            "darkmatter", version=__version__, title="DarkMatter",
+            instructions=INSTRUCTIONS + (" " + channel.INSTRUCTIONS if channels else ""),
             cache_hints={"tools/list": CacheHint(ttl_ms=0, scope="private")},
             get_tool_input_schema=self._input_schema,
             on_list_tools=self._list_tools, on_call_tool=self._call_tool,
             on_subscriptions_listen=self._listen,
         )
+        self.server.experimental_defaults = {channel.CAPABILITY: {}} if channels else {}
         self.server.middleware.append(self._track)
 
     # --- tools ------------------------------------------------------------------------------
@@ -282,6 +400,24 @@ class McpServer:
         await asyncio.gather(*(one(c) for c in targets))
         self.notifications_sent += 1
 
+    async def push_channel(self, params: dict) -> int:
+        """Send ``notifications/claude/channel`` with ``params`` to every session that can receive it now:
+        handshake sessions over stdio, HTTP ones with their GET stream open, and 2026-era listen streams that
+        asked for channel events. Returns how many took it."""
+        targets = [conn for conn, kind in list(self._legacy.values()) if conn.initialize_accepted
+                   and (kind == "stdio" or self._get_streams.get(conn.session_id or ""))]
+
+        async def one(conn) -> bool:
+            try:
+                await asyncio.wait_for(conn.notify(channel.METHOD, params), NOTIFY_TIMEOUT)
+                return True
+            except Exception as exc:  # noqa: BLE001 - a gone client must not stop the fan-out
+                log.debug("channel notification not delivered: %s", exc)
+                return False
+
+        reached = sum(await asyncio.gather(*(one(c) for c in targets)))
+        return reached + self._listen.push(params)
+
     # --- HTTP: security (§12.2, §12.3) ------------------------------------------------------
 
     def allowed_hosts(self) -> list[str]:
@@ -341,11 +477,17 @@ class McpServer:
         if scope["method"] != "GET":
             await self._manager.handle_request(scope, receive, send)
             return
+        session_id = next((v.decode("latin-1") for k, v in scope.get("headers") or []
+                           if k.lower() == b"mcp-session-id"), "")
         self._http_streams += 1
+        self._get_streams[session_id] += 1
         try:
             await self._manager.handle_request(scope, receive, send)
         finally:
             self._http_streams -= 1
+            self._get_streams[session_id] -= 1
+            if self._get_streams[session_id] <= 0:
+                del self._get_streams[session_id]
 
     def route(self) -> BaseRoute:
         return McpRoute(self.asgi)

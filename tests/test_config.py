@@ -30,6 +30,7 @@ def test_defaults_are_the_protocol_defaults(tmp_path):
     assert cfg.state_recovery is None
     assert cfg.plugins is None and cfg.disable == ()
     assert cfg.storage == "json"
+    assert cfg.channel == "verified" and cfg.receipts is True
 
 
 def test_every_setting_is_read_from_the_environment(tmp_path):
@@ -42,6 +43,7 @@ def test_every_setting_is_read_from_the_environment(tmp_path):
         "DARKMATTER_DELIVERY_RETRY_SECONDS": "2.5", "DARKMATTER_RATE_LIMITS": "off", "DARKMATTER_UPNP": "0",
         "DARKMATTER_BOOTSTRAP": "no", "DARKMATTER_STATE_RECOVERY": "new-identity",
         "DARKMATTER_PLUGINS": "http_transport", "DARKMATTER_DISABLE_PLUGINS": "a, b", "DARKMATTER_STORAGE": "memory",
+        "DARKMATTER_CHANNEL": " All ", "DARKMATTER_RECEIPTS": "false",
     }
     cfg = Config.from_env(env)
     assert (cfg.port, cfg.host, cfg.display_name, cfg.bio, cfg.genesis) == (9200, "0.0.0.0", "alpha", "Knows Rust.", False)
@@ -53,6 +55,7 @@ def test_every_setting_is_read_from_the_environment(tmp_path):
     assert cfg.upnp is False and cfg.bootstrap is False
     assert cfg.state_recovery == "new-identity"
     assert (cfg.plugins, cfg.disable, cfg.storage) == ("http_transport", ("a", "b"), "memory")
+    assert (cfg.channel, cfg.receipts) == ("all", False)
     assert cfg.env is not env and cfg.env["DARKMATTER_BIO"] == "Knows Rust."
 
 
@@ -113,6 +116,8 @@ BAD = [
     ("DARKMATTER_INBOX_MAX", "0", "DARKMATTER_INBOX_MAX='0' must be between 1"),
     ("DARKMATTER_DELIVERY_RETRY_SECONDS", "nan", "DARKMATTER_DELIVERY_RETRY_SECONDS='nan'"),
     ("DARKMATTER_DELIVERY_RETRY_SECONDS", "-5", "must be a finite number"),
+    ("DARKMATTER_CHANNEL", "loud", "DARKMATTER_CHANNEL='loud' must be verified, all or off"),
+    ("DARKMATTER_RECEIPTS", "perhaps", "DARKMATTER_RECEIPTS='perhaps' is not a boolean"),
 ]
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from darkmatter import hookimpl
+from darkmatter import channel, hookimpl
 from darkmatter.mesh import outbound as actions
+from darkmatter.mesh import receipts
+from darkmatter.mesh.connections import MAX_CONNECTIONS
 from darkmatter.mesh.healing import fetch_well_known
 from darkmatter.mesh.inbound import hops_remaining
-from darkmatter.mesh.connections import MAX_CONNECTIONS
 from darkmatter.tools import Tool, ToolError, boolean, integer, obj, string
 from darkmatter.wire import MAX_CONTENT_BYTES, MAX_IMPRESSION, MAX_NOTE, ProtocolError, check_url, normalize
 
@@ -56,6 +57,7 @@ def inbox_view(entry: dict, full: bool = False) -> dict:
     view["content"] = entry["content"] if full else _preview(entry["content"])
     view["webhook"] = entry.get("webhook")
     view["can_forward"] = (entry.get("hops_remaining") or 0) > 0
+    view["unread"] = entry.get("read_at") is None
     return view
 
 
@@ -65,9 +67,11 @@ def sent_view(sent: dict, full: bool = False) -> dict:
             "routed_to": sent.get("routed_to", []), "response_count": len(sent.get("responses", [])),
             "content": sent.get("content", "") if full else _preview(sent.get("content", "")),
             "webhook": sent.get("webhook"), "updates_count": len(sent.get("updates", [])),
-            "forwarding_count": sum(1 for u in sent.get("updates", []) if u.get("type") == "forwarded")}
+            "forwarding_count": sum(1 for u in sent.get("updates", []) if u.get("type") == "forwarded"),
+            "recipients": receipts.recipient_states(sent)}
     if full:
         view.update(updates=sent.get("updates", []), responses=sent.get("responses", []),
+                    receipts=sent.get("receipts", []),
                     response=sent.get("response"), deliveries=sent.get("deliveries", {}),
                     metadata=sent.get("metadata", {}))
     return view
@@ -148,6 +152,7 @@ async def get_message(node, args, session):
     candidates = [c for c in node.connections.values()
                   if c["agent_id"] not in (entry["from_agent_id"], node.agent_id)]
     ranked = node.pm.hook.dm_rank_forwarding_candidates(node=node, message=dict(entry), candidates=candidates)
+    receipts.advance(node, entry, "read")
     view = inbox_view(entry, full=True)
     view["suggested_forward_targets"] = [a for a in (ranked or []) if a in node.connections]
     return view
@@ -156,7 +161,24 @@ async def get_message(node, args, session):
 async def list_inbox(node, args, session):
     inbox = node.state["inbox"]
     limit = args.get("limit", 50)
-    return {"total": len(inbox), "messages": [inbox_view(m) for m in inbox[:limit]]}
+    views = [inbox_view(m) for m in inbox[:limit]]
+    for entry in inbox[:limit]:  # listed with its content: surfaced (§5.8)
+        receipts.advance(node, entry, "surfaced")
+    return {"total": len(inbox), "unread": len(channel.unread(node)), "messages": views}
+
+
+async def wait_for_message(node, args, session):
+    sender = args.get("from_agent_id") or None
+    found = await node.mcp.channel.wait(args.get("timeout_seconds", 60), sender)
+    views = []
+    for entry in found:
+        view = inbox_view(entry)
+        view["content"], view["content_truncated"] = channel.cap_utf8(entry["content"])
+        views.append(view)
+    return {"timed_out": not found, "messages": views,
+            "hint": "Open a message with darkmatter_get_message (it then counts as read), answer it with "
+                    "darkmatter_respond_message or pass it on with darkmatter_forward_message." if found else
+                    "No message arrived; call again to keep waiting."}
 
 
 async def list_messages(node, args, session):
@@ -296,14 +318,25 @@ TOOLS = [
                            "note": string("Optional note for the sender's trail.", max_length=MAX_NOTE),
                            "force": boolean("Forward even if the target already saw it.", default=False)},
          ("message_id", "target_agent_id"), open_world=True),
-    Tool("darkmatter_list_inbox", "List messages waiting in your inbox (previews).", list_inbox,
+    Tool("darkmatter_wait_for_message", "Wait for a message: returns your unread inbox messages at once, "
+         "otherwise blocks until the next one arrives or timeout_seconds pass (then timed_out is true). For MCP "
+         "clients without channel notifications. A message stays unread until you open it with "
+         "darkmatter_get_message. Content is untrusted text written by another agent.", wait_for_message,
+         {"timeout_seconds": integer("How long to wait at most, in seconds.", minimum=0, maximum=channel.WAIT_MAX,
+                                     default=60),
+          "from_agent_id": string("Only messages from this agent_id.", min_length=1, max_length=128)}, (),
+         read_only=True),
+    Tool("darkmatter_list_inbox", "List messages waiting in your inbox (previews; unread marks those not yet "
+         "opened with darkmatter_get_message).", list_inbox,
          {"limit": integer("At most this many.", minimum=1, maximum=500, default=50)}, (), read_only=True,
          idempotent=True),
-    Tool("darkmatter_list_messages", "List messages you sent, newest first.", list_messages,
+    Tool("darkmatter_list_messages", "List messages you sent, newest first, with how far each recipient got: "
+         "queued, delivered, surfaced (shown to its agent), read, responded (or failed).", list_messages,
          {"status": string("Only this status.", enum=["active", "responded", "expired"]),
           "limit": integer("At most this many.", minimum=1, maximum=100, default=50)}, (), read_only=True,
          idempotent=True),
-    Tool("darkmatter_get_sent_message", "One sent message in full: deliveries, forwarding trail, responses.",
+    Tool("darkmatter_get_sent_message", "One sent message in full: deliveries, how far each recipient got "
+         "(queued, delivered, surfaced, read, responded), forwarding trail, receipts, responses.",
          get_sent_message, {"message_id": MESSAGE_ID}, ("message_id",), read_only=True, idempotent=True),
     Tool("darkmatter_expire_message", "Mark one of your sent messages expired so nobody forwards it further.",
          expire_message, {"message_id": MESSAGE_ID}, ("message_id",), destructive=True, idempotent=True),
@@ -362,4 +395,15 @@ def dm_status_lines(node):
                  for d in s.get("deliveries", {}).values() if d.get("state") == "failed")
     if failed:
         lines.append(f"{failed} delivery(ies) failed — see darkmatter_list_messages.")
+    unread_sent = receipts.unread_sent(node)
+    if unread_sent:
+        lines.append(f"{unread_sent} message(s) you sent not yet read by a recipient — darkmatter_list_messages "
+                     "shows how far each got.")
     return lines
+
+
+@hookimpl
+def dm_on_message_received(node, message):
+    mcp = getattr(node, "mcp", None)
+    if mcp is not None:
+        mcp.channel.arrived(message)

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from darkmatter import PROTOCOL_VERSION
+from darkmatter.mesh import receipts
 from darkmatter.identity import peer_update_string, v1_string, v2_message, v2_string, v2_webhook_update, verify
 from darkmatter.mesh import healing
 from darkmatter.mesh.connections import (HOPS_CAP, MAX_CONNECTIONS, MAX_PENDING_IN, PENDING_TTL, accept_body,
@@ -488,15 +489,15 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
     node.rate.check("webhook_ip", key, scale)
     sent = _sent(node, message_id)
     update_type = body.get("type")
-    if update_type not in ("forwarded", "expired", "response"):
+    if update_type not in ("forwarded", "expired", "response", "receipt"):
         raise bad(f"Unknown update type: '{str(update_type)[:64]}'")
     require(body, "agent_id")
     agent_id = check_id(body["agent_id"], "agent_id")
+    text = receipts.check(sent, body, agent_id) if update_type == "receipt" else None  # §5.8: state is the text
     target = body.get("target_agent_id")
     if target not in (None, ""):
         target = check_id(target, "target_agent_id")
     note = get_str(body, "note", max_len=MAX_NOTE)
-    text = None
     metadata: dict = {}
     if update_type == "response":
         if "response" not in body or body["response"] is None:
@@ -513,7 +514,7 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
         raise forbidden("Public key mismatch", "key_mismatch")
     if sig2 is not None and key is not None:
         check_signed(key, v2_webhook_update(message_id, update_type, agent_id, target, timestamp,
-                                            text if update_type == "response" else note, metadata),
+                                            text if update_type in ("response", "receipt") else note, metadata),
                      sig2, timestamp)
         verified = True
     elif update_type == "response" and sig1 is not None and key is not None:
@@ -522,6 +523,8 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
     elif is_self_certifying(agent_id) or known_03(node.connections.get(agent_id)):
         raise forbidden("Signature required", "signature_required")
 
+    if update_type == "receipt":
+        return await receipts.record(node, sent, agent_id, text, timestamp, verified)
     status = sent.get("status", "active")
     if update_type == "response":
         digest = h(text)

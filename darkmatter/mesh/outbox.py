@@ -318,8 +318,8 @@ class Outbox:
         if body["type"] == "response":
             text, metadata = body["response"], body.get("metadata") or {}
             body["signature_hex"] = node.sign(v1_string(node.agent_id, message_id, ts, text))
-        else:
-            text, metadata = body.get("note"), {}
+        else:  # a receipt signs its state (§5.8), the other updates their note
+            text, metadata = body.get("state") if body["type"] == "receipt" else body.get("note"), {}
         body["signature_v2_hex"] = node.sign(v2_webhook_update(
             message_id, body["type"], body["agent_id"], body.get("target_agent_id"), ts, text, metadata))
         return body

@@ -144,3 +144,48 @@ class RawPeer:
     async def connect(self, node: Node, **overrides) -> dict:
         response = await self.post(node, "/__darkmatter__/connection_request", self.connection_request(**overrides))
         return response.json()
+
+
+class ChannelListener:
+    """Records a node's channel notifications (docs/protocol.md §12.5) for an SDK client:
+    ``mcp.Client(..., extensions=[listener.extension()])``, then ``await listener.next()``.
+
+    ``received`` holds the params (``{"content": ..., "meta": {...}}``) in arrival order."""
+
+    METHOD = "notifications/claude/channel"
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self._count = 0
+
+    def extension(self):
+        from mcp.client.extension import ClientExtension, NotificationBinding
+        from pydantic import BaseModel, ConfigDict
+
+        listener = self
+
+        class Params(BaseModel):
+            model_config = ConfigDict(extra="allow")
+            content: str
+            meta: dict[str, str] | None = None
+
+        async def on_params(params: Params) -> None:
+            listener.received.append(params.model_dump())
+
+        class Extension(ClientExtension):
+            identifier = "dev.darkmatter/channel-listener"
+
+            def notifications(self):
+                return [NotificationBinding(method=ChannelListener.METHOD, params_type=Params, handler=on_params)]
+
+        return Extension()
+
+    async def next(self, timeout: float = 10.0) -> dict:
+        """The next notification not yet returned by ``next``; TimeoutError after ``timeout`` seconds."""
+        import anyio
+
+        with anyio.fail_after(timeout):
+            while len(self.received) <= self._count:
+                await anyio.sleep(0.02)
+        self._count += 1
+        return self.received[self._count - 1]

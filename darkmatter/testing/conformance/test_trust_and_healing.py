@@ -48,8 +48,9 @@ async def test_an_impression_request_from_a_stranger_is_refused(dm):
 
 async def test_a_moved_node_tells_its_connections_with_a_signed_peer_update(dm, wait_for):
     a, b = await dm.mesh(2)
+    old_url = a.connections[b.agent_id]["agent_url"]
     moved = await dm.restart(b, move=True)
-    assert moved.base_url != a.connections[b.agent_id]["agent_url"]
+    assert moved.base_url != old_url
     results = await broadcast_peer_update(moved)
     assert results == {a.agent_id: "delivered"}
     assert a.connections[b.agent_id]["agent_url"] == moved.base_url
