@@ -80,7 +80,9 @@ class LocalNode:
         if problem is not None:
             return Unreachable(f"no DarkMatter node answers on {where} ({type(problem).__name__}); start one with "
                                f"`darkmatter run --port {self.port}`")
-        detail = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) and exc.exceptions else exc
+        detail = exc
+        while isinstance(detail, BaseExceptionGroup) and detail.exceptions:
+            detail = detail.exceptions[0]
         return Unreachable(f"the service on {where} does not answer as a DarkMatter node at /mcp "
                            f"({type(detail).__name__}: {str(detail)[:200]})")
 

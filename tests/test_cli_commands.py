@@ -246,6 +246,13 @@ def test_every_command_reports_an_unreachable_node_with_exit_1(env):
         assert f"no DarkMatter node answers on 127.0.0.1:{port}" in line, args
 
 
+def test_a_service_that_is_not_a_node_is_a_clear_error(env):
+    with slow_site(0) as site:
+        port = site.rsplit(":", 1)[1]
+        line = error(dm(env, "peers", "--port", port), 1)
+    assert f"the service on 127.0.0.1:{port} does not answer as a DarkMatter node" in line
+
+
 def test_a_bad_port_setting_is_bad_input(env):
     line = error(dm({**env, "DARKMATTER_PORT": "abc"}, "peers"), 2)
     assert "DARKMATTER_PORT" in line

@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from darkmatter.api import send_message
-from darkmatter.plugins import installed_plugins
 from darkmatter.testing import client, connect, mesh, node_context
 
 pytestmark = pytest.mark.anyio
@@ -36,7 +35,18 @@ async def act(node, http, csrf: str, name: str, body: dict, **headers) -> httpx.
 
 
 def test_entry_point_is_wired():
-    assert "console" in installed_plugins()
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="darkmatter") if e.name == "console"]
+    assert entry.value == "darkmatter_console" and entry.dist.name == "darkmatter-console"
+
+
+async def test_the_console_works_with_the_kernel_alone(tmp_path):
+    """No other plugin needed (the mesh routes come from http_transport, the console only from itself)."""
+    async with node_context(tmp_path, plugins="console") as node, client(node) as http:
+        assert (await http.get("/ui")).status_code == 200
+        snap = (await http.get("/ui/api/state")).json()
+        assert snap["node"]["agent_id"] == node.agent_id and [p["name"] for p in snap["plugins"]] == ["console"]
 
 
 async def test_page_and_files_are_served_with_a_strict_content_security_policy(tmp_path):
