@@ -14,6 +14,7 @@ invalid URL, not a connection). Every error is one line on stderr starting with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -136,12 +137,10 @@ def run(port: int | None, work: Callable[[Any], Awaitable[int | None]], *, inter
     port = node_port(port)
 
     async def main() -> int | None:
-        async with Spinner("connecting to the node"):
-            node = await LocalNode(port).__aenter__()
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            async with Spinner("connecting to the node"):
+                node = await stack.enter_async_context(LocalNode(port))
             return await work(node)
-        finally:
-            await node.__aexit__(None, None, None)
 
     try:
         code = asyncio.run(main())
