@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Any
 
-from darkmatter.api import PROTOCOL_VERSION, __version__, live_status
+from darkmatter.api import PROTOCOL_VERSION, __version__, live_status, parse_ts
 
 PREVIEW = 2000  # characters of a message, response or bio shown before "open"
 SENT_SHOWN = 50
@@ -31,8 +31,6 @@ def health(conn: dict) -> str:
 
 def last_contact(conn: dict) -> float | None:
     """Epoch seconds of the latest sign of life: a health check (``last_contact``) or traffic (``last_activity``)."""
-    from darkmatter.api import parse_ts
-
     times = []
     contact = conn.get("last_contact")
     if isinstance(contact, (int, float)):
