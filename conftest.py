@@ -7,6 +7,8 @@ environment explicitly (the namespace tests do, inside namespaces they create).
 
 import os
 
+import pytest
+
 
 SAFE_ENV = {"DARKMATTER_DISCOVERY": "false", "DARKMATTER_UPNP": "false", "DARKMATTER_IP_LOOKUP_URL": "",
             "DARKMATTER_STUN_SERVERS": ""}
@@ -14,3 +16,9 @@ SAFE_ENV = {"DARKMATTER_DISCOVERY": "false", "DARKMATTER_UPNP": "false", "DARKMA
 
 def pytest_configure(config):
     os.environ.update(SAFE_ENV)
+
+
+@pytest.fixture
+def anyio_backend():
+
+    return "asyncio"

@@ -60,4 +60,23 @@ __all__ = [
     "parse_ts", "check_id", "check_message_id", "is_self_certifying", "new_message_id", "endpoint",
     "normalize", "host_of", "loads_object", "h", "cj", "check_content", "check_metadata", "classify",
     "literal_class",
+    # the control plane for people and other clients on the node's port (docs/protocol.md §12)
+    "live_status", "check_control_request",
 ]
+
+
+def live_status(node: Node) -> list[str]:
+    """The node's live status lines, as the ``darkmatter_status`` tool shows them (a summary line, then the
+    plugins' ``dm_status_lines``)."""
+    from darkmatter.mcp import live_status as lines  # NOTE: lazy; the MCP SDK is slow to import
+
+    return lines(node)
+
+
+def check_control_request(node: Node, scope: dict):
+    """The /mcp admission rules for another control-plane route on the node's port (docs/protocol.md §12.2,
+    §12.3): Host (421), Origin (403) and loopback-or-bearer-token (401).
+
+    Returns ``(refusal, local)``: a response to send instead of serving the request (or None), and whether the
+    client is a loopback caller. Call it only on a started node."""
+    return node.mcp.check_request(scope)

@@ -1,4 +1,5 @@
-"""The ``darkmatter`` command: run a node, list plugins, ask a running node for its status.
+"""The ``darkmatter`` command: run a node, list plugins, ask a running node for its status, and steer it
+(the commands of :mod:`darkmatter.commands`).
 
 Settings come from ``DARKMATTER_*`` variables (see :mod:`darkmatter.config`); flags override them.
 Expected failures (bad settings, plugin selection, a state file that cannot be used, a port in use)
@@ -207,8 +208,30 @@ def status(port: int | None, as_json: bool) -> None:
             click.echo(f"{key}: {body[key]}")
 
 
+def _add_node_commands() -> None:
+    from darkmatter.commands import add_commands
+
+    add_commands(cli)
+
+
+_add_node_commands()  # connect, peers, pending, accept, reject, send, inbox, respond, forward, sent, ui
+
+
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="darkmatter")
+    """Run the CLI; a usage error is one ``darkmatter: error:`` line too (exit 2), like every other failure."""
+    try:
+        code = cli.main(args=argv, prog_name="darkmatter", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `darkmatter`: the help, as click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "darkmatter"
+        _fail(f"{exc.format_message().rstrip('.')} (see `{where} --help`)", exc.exit_code)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

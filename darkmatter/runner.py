@@ -25,6 +25,7 @@ import sys
 
 import httpx
 
+from darkmatter import banner
 from darkmatter.config import Config, ConfigError
 from darkmatter.node import Node, StartupError
 from darkmatter.plugins import PluginError
@@ -143,6 +144,7 @@ async def _run_http(config: Config) -> int:
             raise StartupError(_locked_message(exc)) from None
         log.info("agent %s serving %s (MCP at %s/mcp)", node.agent_id[:12], node.base_url,
                  f"http://127.0.0.1:{node.port}")
+        banner.show(node)
         try:
             await stop.wait()
         finally:
@@ -200,6 +202,8 @@ async def _run_stdio(config: Config) -> int:
                     log.warning("the process serving agent %s went away; taking over its node",
                                 str(info.get("agent_id"))[:12])
                     continue
+                if handover is None:
+                    banner.show(node)  # stderr, and only on a terminal: stdout carries MCP here
                 source = ReplayPipes(pipes, handover) if handover is not None else pipes
                 return await _serve_stdio(node, source, stop)
             raise StartupError("the state file keeps being locked and released by other processes; stop them "

@@ -3,6 +3,7 @@
     async with node_context(tmp_path) as node: ...          # one started node on a free port
     async with mesh(tmp_path, 3, connect="chain") as nodes:  # A-B-C, connected over HTTP
     async with client(node) as http: await http.get("/__darkmatter__/status")
+    with LoopThread() as loop: node = loop.start_node(tmp_path / "a")   # for blocking tests (browser, CLI)
 
 Every node gets its own state directory under ``tmp_path``, a free port, discovery, UPnP and the IP
 lookup off, and only the plugins asked for (default: ``http_transport``).
@@ -10,9 +11,11 @@ lookup off, and only the plugins asked for (default: ``http_transport``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 from pathlib import Path
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 import httpx
 
@@ -21,6 +24,7 @@ from darkmatter.mesh import outbound
 from darkmatter.node import Node
 
 DEFAULT_PLUGINS = "http_transport"
+T = TypeVar("T")
 
 
 def env_for_tests(home: Path, **env: str) -> dict[str, str]:
@@ -189,3 +193,57 @@ class ChannelListener:
                 await anyio.sleep(0.02)
         self._count += 1
         return self.received[self._count - 1]
+
+
+class LoopThread:
+    """Real nodes on an event loop in a background thread, for tests whose own code blocks (a browser driven
+    by Selenium, a CLI subprocess). ``run(coro)`` runs a coroutine on that loop and returns its result;
+    ``call(fn)`` runs a plain function there (read a node's state without racing the loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.nodes: list[Node] = []
+        self._thread = threading.Thread(target=self.loop.run_forever, name="darkmatter-test-loop", daemon=True)
+
+    def __enter__(self) -> LoopThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, coro: Awaitable[T], timeout: float = 60.0) -> T:
+        async def wrapped() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(timeout)
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
+        async def wrapped() -> T:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(timeout)
+
+    def start_node(self, directory: Path, **kwargs) -> Node:
+        """Build and start a node (``make_node`` arguments) on the loop; it is stopped at ``close()``."""
+        node = make_node(directory, **kwargs)
+        self.run(node.start())
+        self.nodes.append(node)
+        return node
+
+    def stop_node(self, node: Node) -> None:
+        self.run(node.stop())
+        if node in self.nodes:
+            self.nodes.remove(node)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        for node in reversed(self.nodes):
+            with contextlib.suppress(Exception):
+                self.run(node.stop())
+        self.nodes.clear()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()

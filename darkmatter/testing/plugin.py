@@ -1,6 +1,7 @@
 """The DarkMatter pytest plugin (entry point ``pytest11``): fixtures every DarkMatter test suite shares.
 
-* ``anyio_backend``: ``asyncio`` (the node runs on asyncio).
+* ``anyio_backend``: ``asyncio`` (the node runs on asyncio). Where anyio's own plugin is also installed with
+  trio, which of the two fixtures wins is not defined: define ``anyio_backend`` in your conftest too.
 * ``dm_transport``: the transport under test; tests that use it (or ``dm``) run once per transport named by
   ``--dm-transport`` (comma-separated; default ``memory,http``).
 * ``dm``: a :class:`darkmatter.testing.harness.Harness` over ``dm_transport``, its nodes stopped afterwards.
