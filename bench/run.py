@@ -41,6 +41,8 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "broadcast": ("bench.broadcast", "broadcast to 50 peers of which 10 are dead"),
     "healing": ("bench.healing", "a peer restarts on a new port: time until messages flow again"),
     "scale": ("bench.scale", "N = 10/50/100 nodes in one process: RSS, start-up, 5-hop crossing"),
+    "simulation": ("bench.simulation", "1000 nodes over the memory transport: RSS, connect, 10 hops, broadcast, "
+                                       "healing after 10 % die, vs N = 100"),
 }
 
 

@@ -48,3 +48,22 @@ def test_quick_perhop_writes_every_figure(tmp_path):
     assert spread_ok(figures["fsync_append_ms"])
     assert set(figures["targets"]) == {"p50_le_1_5x_bare", "throughput_ge_0_6x_bare_c16", "flat_with_full_stores_c16"}
     assert report["rows"] and all(len(row) == 6 for row in report["rows"])
+
+
+@pytest.mark.timeout(240)
+def test_a_small_simulation_over_the_memory_transport_connects_routes_and_heals(tmp_path):
+    """``bench.simulation`` at N = 40: every connection made, a 10-hop crossing with every hop recorded at the
+    origin, and after 10 % of the nodes die, deliveries to the living succeed, those to the dead queue, and
+    the outbox delivers them once the dead come back."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "bench.simulation", "--child", "40"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["connect_failures"] == 0 and result["connections"] >= 40
+    assert result["cross_updates_recorded"] == 9  # every forward after the first hop, recorded by the origin
+    assert result["broadcast_delivered"] == result["broadcast_recipients"] > 0
+    live, expected_live = map(int, result["live_delivered"].split("/"))
+    queued, expected_dead = map(int, result["dead_queued"].split("/"))
+    assert live == expected_live > 0 and queued == expected_dead > 0
+    assert result["heal_s"] is not None

@@ -263,7 +263,9 @@ def mutations(draw):
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzz")
-    with ThreadNode(directory, plugins="http_transport,webrtc_transport", DARKMATTER_RATE_LIMITS="off") as tn:
+    # NOTE: no health round during the run: its counters would change the state between a refusal and the check.
+    with ThreadNode(directory, plugins="http_transport,webrtc_transport", DARKMATTER_RATE_LIMITS="off",
+                    DARKMATTER_HEALTH_INTERVAL="3600") as tn:
         capture = CaptureServer()
         tn.run(capture.__aenter__())
         try:
