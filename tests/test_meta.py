@@ -52,7 +52,8 @@ HOOK_TESTS: dict[str, list[str]] = {
         "tests/test_plugins.py::test_default_trust_policy_accepts_on_genesis_and_queues_otherwise",
         "tests/test_example_plugin.py::test_trust_decisions_of_the_entry_point_plugin_take_effect"],
     "dm_claim_message": [
-        "tests/test_plugins.py::test_a_claimed_message_is_answered_and_expired_through_dm_claim_message_never_a_webhook"],
+        "tests/test_plugins.py::test_a_claimed_message_is_answered_and_expired_through_dm_claim_message_never_a_webhook",
+        "plugins/a2a_bridge/tests/test_inbound.py::test_a_message_answered_through_mcp_completes_the_task"],
     "dm_rank_forwarding_candidates": [
         "tests/test_plugins.py::test_default_forwarding_rank_is_empty_and_a_plugin_ranking_wins",
         "tests/test_example_plugin.py::test_forwarding_ranking_of_the_entry_point_plugin"],
