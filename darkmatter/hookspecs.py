@@ -130,8 +130,8 @@ def dm_on_response_received(node, sent_message, response):
 
 @hookspec
 def dm_on_message_expired(node, message_id, reason):
-    """A message ran out of hops here, the owner expired one of its sent messages (§5.3, §5.5), or the agent
-    expired an inbox message a plugin claimed (``dm_claim_message``)."""
+    """A message ran out of hops here, the owner expired one of its sent messages (§5.3, §5.5), or an inbox
+    message a plugin claims (``dm_claim_message``) was expired by the agent or at its origin."""
 
 
 @hookspec

@@ -42,7 +42,7 @@ from darkmatter.api import MAX_BODY, ProtocolError, client_ip, external_message,
 from darkmatter_a2a_bridge import card as cards
 from darkmatter_a2a_bridge.settings import Settings
 from darkmatter_a2a_bridge.store import (CALLER_KEY, INTERNAL, OPEN, TERMINAL, Caller, LocalEventStream,
-                                         NodeTaskStore, caller_of)
+                                         NodeTaskStore, caller_of, state_name)
 
 log = logging.getLogger("darkmatter_a2a_bridge")
 
@@ -188,7 +188,7 @@ class Claim:
             return {"delivery": "failed", "last_error": "the A2A task of this message no longer exists"}
         if task.status.state != TaskState.TASK_STATE_COMPLETED:
             return {"delivery": "failed",
-                    "last_error": f"the A2A task is {TaskState.Name(task.status.state)[11:].lower()}"}
+                    "last_error": f"the A2A task is {state_name(task.status.state)}"}
         return {"delivery": "delivered"}
 
     async def expire(self, message: dict) -> None:
@@ -345,22 +345,23 @@ class Bridge:
 
     # --- store side effects ---------------------------------------------------------------------
 
-    def forget_message(self, task: Task) -> bool:
-        """A task finished: its message leaves the inbox (nobody waits for an answer any more)."""
+    def take_message(self, task: Task) -> tuple[int, dict] | None:
+        """Take a finished task's message out of the inbox; return (index, entry) so it can be put back."""
         message_id = message_of(task)
         inbox = self.node.state["inbox"]
-        for entry in inbox:
+        for index, entry in enumerate(inbox):
             if entry["message_id"] == message_id and entry.get("transport") == TRANSPORT:
-                inbox.remove(entry)
-                if task.id not in self._agent_side:
-                    self.node.spawn(self.node.emit("dm_on_message_expired", message_id=message_id,
-                                                   reason=f"A2A task {TaskState.Name(task.status.state)[11:].lower()}"
-                                                          " by the caller"), name="a2a-expired")
-                return True
-        return False
+                del inbox[index]
+                return index, entry
+        return None
 
-    def finished(self, task: Task) -> None:
-        """A task reached a terminal state (after it was saved)."""
+    def finished(self, task: Task, message: dict | None) -> None:
+        """A task reached a terminal state and that was saved. When the caller (not the agent) ended it while its
+        message waited in the inbox, that message expired."""
+        if message is not None and task.id not in self._agent_side:
+            self.node.spawn(self.node.emit("dm_on_message_expired", message_id=message["message_id"],
+                                           reason=f"the A2A caller's task was {state_name(task.status.state)}"),
+                            name="a2a-expired")
         self.node.changed()
 
     # --- HTTP -----------------------------------------------------------------------------------

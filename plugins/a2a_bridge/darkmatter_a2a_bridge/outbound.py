@@ -12,6 +12,7 @@ size-capped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -29,6 +30,7 @@ from a2a.utils.errors import A2AError
 from darkmatter.api import ProtocolError, Tool, ToolError, __version__, call, integer, normalize, now_iso, string
 
 from darkmatter_a2a_bridge import card as cards
+from darkmatter_a2a_bridge.store import state_name
 
 MAX_ANSWER = 64 * 1024  # characters of an answer returned to the agent
 MAX_BYTES = 1024 * 1024  # bytes read from any one reply
@@ -109,7 +111,7 @@ async def resolve(http: httpx.AsyncClient, url: str) -> tuple[AgentCard, dict]:
     what the agent should know about it. Raises ToolError with the reason."""
     parts = urlsplit(url)
     if parts.path.endswith(".json"):
-        base, paths = url[: len(url) - len(parts.path)], [parts.path]
+        base, paths = f"{parts.scheme}://{parts.netloc}", [parts.path]
     else:
         base, paths = url.rstrip("/"), [cards.CARD_PATH, cards.LEGACY_CARD_PATH]
     resolver = A2ACardResolver(http, base)
@@ -168,10 +170,6 @@ def _parts_text(parts) -> list[str]:
         elif part.HasField("url"):
             out.append(part.url)
     return out
-
-
-def state_name(state: int) -> str:
-    return TaskState.Name(state).removeprefix("TASK_STATE_").lower()
 
 
 def summary(task: Task, waited: float) -> dict:
@@ -247,8 +245,10 @@ async def send(node: Any, args: dict, session: Any) -> dict:
             request = SendMessageRequest(message=message,
                                          configuration=SendMessageConfiguration(return_immediately=True))
             reply = None
-            async for reply in client.send_message(request, context=ClientCallContext(timeout=REQUEST_TIMEOUT)):
-                break
+            replies = client.send_message(request, context=ClientCallContext(timeout=REQUEST_TIMEOUT))
+            async with contextlib.aclosing(replies):
+                async for reply in replies:
+                    break
             if reply is None:
                 raise ToolError(f"The A2A agent at {url} sent no answer")
             if reply.HasField("message"):

@@ -66,7 +66,8 @@ def _skills(raw: str | None) -> list[Skill] | None:
         skill_id = text_fields["id"] or "-".join(item["name"].lower().split())[:64]
         skills.append(Skill(id=skill_id, name=item["name"].strip()[:100],
                             description=(text_fields["description"] or item["name"]).strip()[:1000],
-                            tags=[t[:64] for t in lists["tags"][:16]], examples=[e[:500] for e in lists["examples"][:8]]))
+                            tags=[t[:64] for t in lists["tags"][:16]],
+                            examples=[e[:500] for e in lists["examples"][:8]]))
     if len({s.id for s in skills}) != len(skills):
         raise ConfigError(f"{name}: two skills have the same id")
     return skills

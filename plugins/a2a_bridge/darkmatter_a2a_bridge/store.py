@@ -78,6 +78,11 @@ def caller_of(context: ServerCallContext | None) -> Caller:
     return caller if isinstance(caller, Caller) else Caller()
 
 
+def state_name(state: int) -> str:
+    """``completed`` for ``TASK_STATE_COMPLETED``."""
+    return TaskState.Name(state).removeprefix("TASK_STATE_").lower()
+
+
 def task_from(record: dict) -> Task:
     return ParseDict(record["task"], Task(), ignore_unknown_fields=True)
 
@@ -127,35 +132,42 @@ class NodeTaskStore(VersionedTaskStore):
                   "owner": old["owner"] if old else caller_of(context).owner, "updated_at": now_iso()}
         records[task.id] = record
         finished = task.status.state in TERMINAL and was not in TERMINAL
-        full = False
-        if finished:
-            full = self.bridge.forget_message(task) | self._evict()
+        # A finished task's message leaves the inbox (nobody waits for its answer any more), and old finished
+        # tasks make room: both in the same state write, undone together when it fails.
+        taken = self.bridge.take_message(task) if finished else None
+        evicted = self._evict() if finished else {}
         try:
+            full = taken is not None or bool(evicted)
             await self.bridge.node.save(None if full else [("set", ["a2a", "tasks", task.id], record)])
         except OSError:
             if old is None:
                 records.pop(task.id, None)
             else:
                 records[task.id] = old
+            records.update(evicted)
+            if taken is not None:
+                self.bridge.node.state["inbox"].insert(*taken)
             raise InternalError(message="This node cannot save its state right now; nothing was recorded.") from None
         async with self.changed:
             self.changed.notify_all()
         if finished:
-            self.bridge.finished(task)
+            self.bridge.finished(task, taken[1] if taken else None)
         return TaskVersion(record["version"])
 
-    def _evict(self) -> bool:
-        """Keep at most ``tasks_kept`` finished tasks: rejected and canceled ones go first, then the oldest."""
+    def _evict(self) -> dict[str, dict]:
+        """Keep at most ``tasks_kept`` finished tasks: rejected and canceled ones go first, then the oldest.
+        Returns what it removed."""
         records = self.records
         finished = [(tid, r) for tid, r in records.items() if task_from(r).status.state in TERMINAL]
         extra = len(finished) - self.bridge.settings.tasks_kept
         if extra <= 0:
-            return False
+            return {}
         rank = {TaskState.TASK_STATE_REJECTED: 0, TaskState.TASK_STATE_CANCELED: 1}
         finished.sort(key=lambda item: (rank.get(task_from(item[1]).status.state, 2), item[1]["updated_at"]))
-        for task_id, _ in finished[:extra]:
+        evicted = dict(finished[:extra])
+        for task_id in evicted:
             del records[task_id]
-        return True
+        return evicted
 
     async def wait(self, task_id: str, done: Callable[[Task], bool], timeout: float) -> Task | None:
         """Wait until the stored task satisfies ``done`` (or is gone), at most ``timeout`` seconds; return it."""

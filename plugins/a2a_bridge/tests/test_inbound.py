@@ -9,17 +9,17 @@ import json
 
 import httpx
 import pytest
-from a2a.client import A2ACardResolver, A2AClientError
+from a2a.client import A2ACardResolver
 from a2a.types import CancelTaskRequest, GetTaskRequest, Part, SubscribeToTaskRequest, TaskState
 from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError, UnsupportedOperationError
 from a2a.utils.signing import InvalidSignaturesError, create_signature_verifier
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from darkmatter import hookimpl
 from darkmatter.api import ConfigError, StartupError
 from darkmatter.testing import make_node
 
-from bridge_harness import (BINDINGS, a2a_client, bridge_node, call, mcp_client, send_request, user_message,
-                      wait_for)
+from bridge_harness import BINDINGS, a2a_client, bridge_node, call, mcp_client, send_request, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -168,13 +168,28 @@ async def test_streaming_shows_every_state_change(tmp_path, binding):
     assert trail(resubscribed) == [("task", S.TASK_STATE_SUBMITTED), *expected_tail]
 
 
+class ExpiryProbe:
+    name = "expiry_probe"
+
+    def __init__(self):
+        self.expired: list[tuple[str, str]] = []
+
+    @hookimpl
+    def dm_on_message_expired(self, node, message_id, reason):
+        self.expired.append((message_id, reason))
+
+
 @pytest.mark.parametrize("binding", sorted(BINDINGS))
 async def test_cancel_takes_the_message_out_of_the_inbox(tmp_path, binding):
-    async with bridge_node(tmp_path) as node, a2a_client(node, binding) as client, mcp_client(node) as agent:
+    probe = ExpiryProbe()
+    async with bridge_node(tmp_path, extra=[probe]) as node, a2a_client(node, binding) as client, \
+            mcp_client(node) as agent:
         task = [r async for r in client.send_message(send_request("Never mind"))][0].task
         [listed] = (await call(agent, "darkmatter_list_inbox"))["messages"]
         canceled = await client.cancel_task(CancelTaskRequest(id=task.id))
         assert canceled.status.state == S.TASK_STATE_CANCELED
+        await wait_for(lambda: probe.expired)
+        assert probe.expired == [(listed["message_id"], "the A2A caller's task was canceled")]
         assert (await client.get_task(GetTaskRequest(id=task.id))).status.state == S.TASK_STATE_CANCELED
         assert (await call(agent, "darkmatter_list_inbox"))["total"] == 0
         late = await agent.call_tool("darkmatter_respond_message", {"message_id": listed["message_id"],
@@ -187,11 +202,14 @@ async def test_cancel_takes_the_message_out_of_the_inbox(tmp_path, binding):
 
 
 async def test_expiring_the_message_cancels_the_task(tmp_path):
-    async with bridge_node(tmp_path) as node, a2a_client(node) as client, mcp_client(node) as agent:
+    probe = ExpiryProbe()
+    async with bridge_node(tmp_path, extra=[probe]) as node, a2a_client(node) as client, mcp_client(node) as agent:
         task = [r async for r in client.send_message(send_request("Please ignore"))][0].task
         [listed] = (await call(agent, "darkmatter_list_inbox"))["messages"]
         expired = await call(agent, "darkmatter_expire_message", message_id=listed["message_id"])
         assert expired["status"] == "expired"
+        await asyncio.sleep(0.1)
+        assert probe.expired == [(listed["message_id"], "expired by the agent")]  # once, from the kernel
         final = await client.get_task(GetTaskRequest(id=task.id))
         assert final.status.state == S.TASK_STATE_CANCELED
         assert final.status.message.parts[0].text == "The agent declined this message."

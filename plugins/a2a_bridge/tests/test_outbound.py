@@ -62,7 +62,7 @@ async def test_a_slow_agent_gives_a_task_id_that_get_task_follows(tmp_path):
 
 
 async def test_a_node_calls_another_nodes_agent_over_a2a(tmp_path):
-    async with bridge_node(tmp_path / "a") as caller, bridge_node(tmp_path / "b", DARKMATTER_BIO="Answers.") as callee, \
+    async with bridge_node(tmp_path / "a") as caller, bridge_node(tmp_path / "b") as callee, \
             mcp_client(caller) as asking, mcp_client(callee) as answering:
         async def answer():
             listed = await wait_for(lambda: callee.state["inbox"])
