@@ -423,8 +423,13 @@ class Bridge:
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             try:
                 body = await read_body(Request(scope, receive), MAX_BODY)
+                if body.strip():
+                    json.loads(body.decode("utf-8"))  # the SDK's REST side answers 500 to bytes that are not UTF-8
             except ProtocolError as exc:
                 await _refuse(scope, receive, send, exc.status, exc.code, exc.error, jsonrpc)
+                return
+            except ValueError:  # not UTF-8, not JSON
+                await _refuse(scope, receive, send, 400, "invalid_json", "Invalid JSON body", jsonrpc)
                 return
         scope[CALLER_KEY] = caller
         sent = False
@@ -449,7 +454,11 @@ async def _refuse(scope, receive, send, status: int, code: str, text: str, jsonr
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if jsonrpc:
-        body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": text, "data": {"code": code}}}
+        # NOTE: a JSON-RPC parse error is a 200 with -32700, as the SDK answers it; refusals keep their status.
+        rpc_code = -32700 if code == "invalid_json" else -32600
+        if code == "invalid_json":
+            status = 200
+        body = {"jsonrpc": "2.0", "id": None, "error": {"code": rpc_code, "message": text, "data": {"code": code}}}
     else:
         body = {"error": {"code": status, "status": STATUS_NAMES.get(status, "UNKNOWN"), "message": text}}
     await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)

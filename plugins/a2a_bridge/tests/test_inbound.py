@@ -220,13 +220,21 @@ async def test_a_blocking_send_waits_a_bounded_time_then_answers_with_the_open_t
     async with bridge_node(tmp_path, DARKMATTER_A2A_BLOCK_SECONDS="1") as node, a2a_client(node) as client, \
             mcp_client(node) as agent:
         loop = asyncio.get_running_loop()
+
+        async def read_without_answering():
+            await wait_for(lambda: node.state["inbox"])
+            await call(agent, "darkmatter_list_inbox")
+
+        reading = asyncio.create_task(read_without_answering())
         started = loop.time()
         task = [r async for r in client.send_message(send_request("Slow question", immediately=False))][0].task
-        assert loop.time() - started >= 0.9
-        assert task.status.state == S.TASK_STATE_SUBMITTED
+        await reading
+        assert loop.time() - started >= 0.9  # it did wait for the answer
+        assert task.status.state == S.TASK_STATE_WORKING  # and then answered with the task still open
 
         async def answer_soon():
             listed = await wait_for(lambda: [m for m in node.state["inbox"] if m["content"] == "Quick question"])
+            await call(agent, "darkmatter_get_message", message_id=listed[0]["message_id"])
             await call(agent, "darkmatter_respond_message", message_id=listed[0]["message_id"], response="quick")
 
         answering = asyncio.create_task(answer_soon())
@@ -303,6 +311,7 @@ async def test_only_one_text_message_per_task_is_taken(tmp_path):
 
 JSONRPC_BAD = [
     (b"{not json", -32700),
+    (b"\xff\xfe{}", -32700),
     (b"[]", -32600),
     (json.dumps({"jsonrpc": "2.0", "id": 1, "method": "NoSuchMethod", "params": {}}).encode(), -32601),
     (json.dumps({"jsonrpc": "2.0", "id": 2, "method": "SendMessage", "params": {"message": 5}}).encode(), -32602),
@@ -321,6 +330,10 @@ JSONRPC_BAD = [
 
 REST_BAD = [
     ("POST", "/a2a/rest/message:send", b"{not json", 400),
+    ("POST", "/a2a/rest/message:send", b"\xff\xfe{}", 400),
+    ("POST", "/a2a/rest/message:stream", b"\xff\xfe{}", 400),
+    ("POST", "/a2a/rest/message:send", json.dumps({"message": {"messageId": "m", "role": "ROLE_USER", "parts": [
+        {"text": "a\ud800b"}]}}).encode(), 400),
     ("POST", "/a2a/rest/message:send", json.dumps({"message": {"parts": "text"}}).encode(), 400),
     ("GET", "/a2a/rest/tasks/nope", b"", 404),
     ("POST", "/a2a/rest/tasks/nope:cancel", b"", 404),
