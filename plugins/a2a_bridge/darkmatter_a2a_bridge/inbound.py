@@ -207,7 +207,7 @@ class Bridge:
         self.stream = LocalEventStream()
         self.claim = Claim(self)
         self.live: dict[str, asyncio.Queue] = {}
-        self._agent_side: collections.Counter[str] = collections.Counter()  # tasks the agent is changing
+        self._agent_side: collections.Counter[str] = collections.Counter()  # tasks the agent is ending
         self.card: AgentCard | None = None
         self._card_made_for: tuple = ()
         self.handler: Handler | None = None
@@ -299,7 +299,9 @@ class Bridge:
 
     async def change(self, task_id: str, change: Change) -> Task | None:
         """Apply an agent-side change; return the task as it then is (None when it is gone)."""
-        self._agent_side[task_id] += 1
+        ending = change.state in TERMINAL
+        if ending:
+            self._agent_side[task_id] += 1
         try:
             queue = self.live.get(task_id)
             if queue is not None:
@@ -313,9 +315,10 @@ class Bridge:
                     return task
             return await self._write(task_id, change)
         finally:
-            self._agent_side[task_id] -= 1
-            if not self._agent_side[task_id]:
-                del self._agent_side[task_id]
+            if ending:
+                self._agent_side[task_id] -= 1
+                if not self._agent_side[task_id]:
+                    del self._agent_side[task_id]
 
     async def _write(self, task_id: str, change: Change) -> Task | None:
         """A change to a task no executor holds (after a restart): versioned writes, then stream events."""
@@ -355,10 +358,14 @@ class Bridge:
                 return index, entry
         return None
 
-    def finished(self, task: Task, message: dict | None) -> None:
+    def changing(self, task_id: str) -> bool:
+        """Whether the agent is ending this task right now (respond or expire)."""
+        return task_id in self._agent_side
+
+    def finished(self, task: Task, message: dict | None, by_agent: bool) -> None:
         """A task reached a terminal state and that was saved. When the caller (not the agent) ended it while its
         message waited in the inbox, that message expired."""
-        if message is not None and task.id not in self._agent_side:
+        if message is not None and not by_agent:
             self.node.spawn(self.node.emit("dm_on_message_expired", message_id=message["message_id"],
                                            reason=f"the A2A caller's task was {state_name(task.status.state)}"),
                             name="a2a-expired")

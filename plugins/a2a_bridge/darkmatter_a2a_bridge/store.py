@@ -135,6 +135,7 @@ class NodeTaskStore(VersionedTaskStore):
         # A finished task's message leaves the inbox (nobody waits for its answer any more), and old finished
         # tasks make room: both in the same state write, undone together when it fails.
         taken = self.bridge.take_message(task) if finished else None
+        by_agent = self.bridge.changing(task.id)  # read before any await: the agent's call may return meanwhile
         evicted = self._evict() if finished else {}
         try:
             full = taken is not None or bool(evicted)
@@ -151,7 +152,7 @@ class NodeTaskStore(VersionedTaskStore):
         async with self.changed:
             self.changed.notify_all()
         if finished:
-            self.bridge.finished(task, taken[1] if taken else None)
+            self.bridge.finished(task, taken[1] if taken else None, by_agent)
         return TaskVersion(record["version"])
 
     def _evict(self) -> dict[str, dict]:
