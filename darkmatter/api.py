@@ -18,20 +18,21 @@ from darkmatter.identity import (Identity, peer_update_string, v1_string, v2_bea
 from darkmatter.mesh.connections import agent_url_for, known_03, mark_03
 from darkmatter.mesh.dispatch import call, check, deliver
 from darkmatter.mesh.healing import broadcast_peer_update, fetch_well_known, recover
-from darkmatter.mesh.inbound import REFUSED_WHEN_INACTIVE, ROUTES, handle, inactive_check, rate_key, route_of
+from darkmatter.mesh.inbound import (REFUSED_WHEN_INACTIVE, ROUTES, external_message, handle, inactive_check,
+                                     rate_key, route_of)
 from darkmatter.mesh.outbound import (ask_impression, disconnect, expire_message, forward_message,
                                       request_connection, respond_connection, respond_message, send_message)
 from darkmatter.mesh.transport import LARGE, SMALL, Blocked, Caller, Reply, Transport, TransportUnavailable
 from darkmatter.node import Node, StartupError
 from darkmatter.plugins import GROUP as PLUGIN_GROUP
 from darkmatter.plugins import active_plugins
-from darkmatter.server import client_ip, error_response, read_json
+from darkmatter.server import client_ip, error_response, read_body, read_json
 from darkmatter.storage import Storage
 from darkmatter.tools import Session, Tool, ToolError, boolean, integer, string
 from darkmatter.wire import (FRESH_SECONDS, MAX_BODY, MAX_ID, ProtocolError, bad, check_content, check_id,
                              check_message_id, check_metadata, cj, classify, endpoint, forbidden, h, host_of,
-                             is_fresh, is_self_certifying, literal_class, loads_object, new_message_id,
-                             normalize, now_iso, parse_ts)
+                             is_fresh, is_loopback_host, is_self_certifying, literal_class, loads_object,
+                             new_message_id, normalize, now_iso, parse_ts)
 
 __all__ = [
     # markers and versions
@@ -44,6 +45,8 @@ __all__ = [
     "Transport", "Reply", "TransportUnavailable", "Blocked", "Caller", "SMALL", "LARGE",
     "handle", "ROUTES", "route_of", "REFUSED_WHEN_INACTIVE", "inactive_check", "rate_key",
     "call", "check", "deliver",
+    # bridges from outside the mesh (e.g. A2A): their messages enter the inbox through external_message
+    "external_message",
     # discovery and storage
     "DiscoverySource", "Storage",
     # mesh operations (what the agent's tools do) and healing (docs/protocol.md §6)
@@ -51,14 +54,15 @@ __all__ = [
     "respond_message", "expire_message", "ask_impression", "fetch_well_known", "recover",
     "broadcast_peer_update", "agent_url_for", "known_03", "mark_03",
     # HTTP route helpers (for plugins that serve routes on the node's port)
-    "read_json", "error_response", "client_ip",
+    "read_json", "read_body", "error_response", "client_ip",
     # identity and signatures (docs/protocol.md §3)
     "Identity", "verify", "v1_string", "v2_string", "v2_message", "v2_webhook_update", "v2_beacon",
     "peer_update_string",
     # wire rules (docs/protocol.md §2, §7.3)
     "ProtocolError", "bad", "forbidden", "MAX_BODY", "MAX_ID", "FRESH_SECONDS", "now_iso", "is_fresh",
     "parse_ts", "check_id", "check_message_id", "is_self_certifying", "new_message_id", "endpoint",
-    "normalize", "host_of", "loads_object", "h", "cj", "check_content", "check_metadata", "classify",
+    "normalize", "host_of", "is_loopback_host", "loads_object", "h", "cj", "check_content", "check_metadata",
+    "classify",
     "literal_class",
     # the control plane for people and other clients on the node's port (docs/protocol.md §12)
     "live_status", "check_control_request",

@@ -130,7 +130,17 @@ def dm_on_response_received(node, sent_message, response):
 
 @hookspec
 def dm_on_message_expired(node, message_id, reason):
-    """A message ran out of hops here, or the owner expired one of its sent messages (§5.3, §5.5)."""
+    """A message ran out of hops here, the owner expired one of its sent messages (§5.3, §5.5), or an inbox
+    message a plugin claims (``dm_claim_message``) was expired by the agent or at its origin."""
+
+
+@hookspec
+def dm_on_message_seen(node, message, state):
+    """An agent session was shown an inbox ``message`` for the first time (``state`` ``surfaced``: listed with
+    its content, pushed on a channel or returned by ``darkmatter_wait_for_message``) or read it in full
+    (``read``: ``darkmatter_get_message``), docs/protocol.md §5.8. Called when the state is new for the message
+    (with the furthest one: a message read before it was listed gives one ``read``), after the kernel recorded
+    it, from a background task. Treat ``message`` as read-only."""
 
 
 @hookspec
@@ -163,6 +173,24 @@ def dm_trust_connection_request(node, request):
     (the signature has already been verified). Return None to leave the decision to the next plugin.
     The kernel default (trylast): ``accept`` on a genesis node, else ``queue``. Caps (50 connections,
     50 pending) are enforced by the kernel whatever the policy says. Synchronous; never ``async def``.
+    """
+
+
+@hookspec(firstresult=True)
+def dm_claim_message(node, message):
+    """Claim an inbox ``message`` that is answered outside the mesh (it came in through a bridge, such as the
+    A2A bridge, with ``outside_mesh`` set and no webhook). Return None to leave it to the mesh (the kernel
+    default), or a claim: an object with
+
+    * ``async respond(message, response, metadata) -> dict``: deliver the agent's answer and return at least
+      ``{"delivery": "delivered" | "failed"}`` (plus ``last_error`` when it failed); raise
+      :class:`darkmatter.tools.ToolError` to refuse, which keeps the message in the inbox;
+    * ``async expire(message) -> None``: the agent declined the message (``darkmatter_expire_message``).
+
+    ``darkmatter_respond_message`` then never posts to a webhook: it awaits ``respond``, removes the message
+    from the inbox in one state write with whatever the claim changed, and emits ``dm_on_message_responded``;
+    ``darkmatter_expire_message`` awaits ``expire``, removes the message and emits ``dm_on_message_expired``;
+    ``darkmatter_forward_message`` refuses a claimed message. Synchronous; never ``async def``.
     """
 
 

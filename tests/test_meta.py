@@ -45,10 +45,15 @@ HOOK_TESTS: dict[str, list[str]] = {
                                "tests/test_nodes.py::test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer"],
     "dm_on_connection_changed": ["tests/test_plugins.py::test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated",
                                "tests/test_nodes.py::test_a_three_node_chain_in_one_process_carries_a_message_and_its_answer"],
+    "dm_on_message_seen": ["tests/test_plugins.py::test_event_hooks_are_awaited_and_a_failing_plugin_is_isolated",
+                           "tests/test_plugins.py::test_listing_and_reading_the_inbox_emits_dm_on_message_seen_once_per_state"],
     "dm_status_lines": ["tests/test_plugins.py::test_status_lines_from_plugins_are_collected"],
     "dm_trust_connection_request": [
         "tests/test_plugins.py::test_default_trust_policy_accepts_on_genesis_and_queues_otherwise",
         "tests/test_example_plugin.py::test_trust_decisions_of_the_entry_point_plugin_take_effect"],
+    "dm_claim_message": [
+        "tests/test_plugins.py::test_a_claimed_message_is_answered_and_expired_through_dm_claim_message_never_a_webhook",
+        "plugins/a2a_bridge/tests/test_inbound.py::test_a_message_answered_through_mcp_completes_the_task"],
     "dm_rank_forwarding_candidates": [
         "tests/test_plugins.py::test_default_forwarding_rank_is_empty_and_a_plugin_ranking_wins",
         "tests/test_example_plugin.py::test_forwarding_ranking_of_the_entry_point_plugin"],

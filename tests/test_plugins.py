@@ -450,6 +450,7 @@ EVENTS = {
     "dm_on_response_received": {"sent_message": {"message_id": "msg-000000000002"}, "response": {"response": "ok"}},
     "dm_on_message_expired": {"message_id": "msg-000000000003", "reason": "hops"},
     "dm_on_connection_changed": {"agent_id": "ef" * 32, "event": "connected"},
+    "dm_on_message_seen": {"message": {"message_id": "msg-000000000004"}, "state": "read"},
 }
 
 
@@ -495,6 +496,10 @@ class EventProbe:
     @hookimpl
     def dm_on_connection_changed(self, node, agent_id, event):
         return self._hit("dm_on_connection_changed", node=node, agent_id=agent_id, event=event)
+
+    @hookimpl
+    def dm_on_message_seen(self, node, message, state):
+        return self._hit("dm_on_message_seen", node=node, message=message, state=state)
 
 
 @pytest.mark.anyio
@@ -591,3 +596,165 @@ def test_plugin_state_is_per_node_and_made_once(tmp_path):
     assert a.plugin_state("probe", factory) is first and len(made) == 1  # made on first use only
     assert b.plugin_state("probe", factory) is not first and len(made) == 2  # every node has its own
     assert a.plugin_state("other", dict) is not first  # keyed by the plugin's name
+
+
+# --- messages from outside the mesh: external_message, dm_claim_message, dm_on_message_seen -------------
+
+
+class RelayClaim:
+    """A claim that records what the kernel asked of it."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.answers: list[tuple[str, str]] = []
+        self.expired: list[str] = []
+
+    async def respond(self, message, response, metadata):
+        self.answers.append((message["message_id"], response))
+        return {"delivery": "failed", "last_error": "relay gone"} if self.fail else {"delivery": "delivered"}
+
+    async def expire(self, message):
+        self.expired.append(message["message_id"])
+
+
+class RelayPlugin:
+    name = "relay_probe"
+
+    def __init__(self, claim: RelayClaim):
+        self.claim = claim
+        self.events: list[tuple] = []
+
+    @hookimpl
+    def dm_claim_message(self, node, message):
+        return self.claim if message.get("transport") == "relay" else None
+
+    @hookimpl
+    def dm_on_message_responded(self, node, message_id, response, delivery):
+        self.events.append(("responded", message_id, delivery))
+
+    @hookimpl
+    def dm_on_message_expired(self, node, message_id, reason):
+        self.events.append(("expired", message_id, reason))
+
+    @hookimpl
+    def dm_on_message_seen(self, node, message, state):
+        self.events.append(("seen", message["message_id"], state))
+
+
+async def _tool(node, name: str, **arguments):
+    from darkmatter.tools import Session
+
+    return await node.tools[name].handler(node, arguments, Session())
+
+
+@pytest.mark.anyio
+async def test_external_message_enters_the_inbox_unverified_and_under_the_caps(tmp_path):
+    from darkmatter.api import ProtocolError, external_message
+
+    async with node_context(tmp_path, plugins="", DARKMATTER_INBOX_MAX="4") as node:
+        entry = await external_message(node, "relay:10.0.0.7", "hello", {"k": 1}, transport="relay")
+        assert entry in node.state["inbox"]
+        assert entry["outside_mesh"] is True and entry["verified"] is False and entry["webhook"] is None
+        assert entry["from_agent_id"] == "relay:10.0.0.7" and entry["transport"] == "relay"
+        await external_message(node, "relay:10.0.0.7", "again", transport="relay")
+        with pytest.raises(ProtocolError) as share:  # one sender holds at most half the inbox
+            await external_message(node, "relay:10.0.0.7", "third", transport="relay")
+        assert share.value.status == 429 and "for this sender" in share.value.error
+        with pytest.raises(ProtocolError) as spoof:  # a pseudo-peer never looks like a mesh agent_id
+            await external_message(node, "ab" * 32, "hi", transport="relay")
+        assert spoof.value.status == 400
+        with pytest.raises(ProtocolError) as big:
+            await external_message(node, "relay:10.0.0.8", "x" * 70000, transport="relay")
+        assert big.value.status == 413
+        await external_message(node, "relay:10.0.0.8", "one", transport="relay")
+        await external_message(node, "relay:10.0.0.9", "two", transport="relay")
+        with pytest.raises(ProtocolError) as full:
+            await external_message(node, "relay:10.0.0.10", "five", transport="relay")
+        assert full.value.status == 429 and full.value.error == "Message queue full"
+    async with node_context(tmp_path, plugins="") as again:  # durable: the accepted ones were journaled
+        assert [m["content"] for m in again.state["inbox"]] == ["hello", "again", "one", "two"]
+        again.state["status"] = "inactive"
+        again.state["inbox"].clear()
+        with pytest.raises(ProtocolError) as inactive:
+            await external_message(again, "relay:10.0.0.8", "hi", transport="relay")
+        assert inactive.value.status == 503
+
+
+@pytest.mark.anyio
+async def test_external_message_is_rate_limited_per_sender(tmp_path):
+    from darkmatter.api import ProtocolError, external_message
+
+    async with node_context(tmp_path, plugins="", DARKMATTER_RATE_MESSAGE_PEER="2/1/60") as node:
+        for text in ("a", "b"):
+            await external_message(node, "relay:1", text, transport="relay")
+        with pytest.raises(ProtocolError) as limited:
+            await external_message(node, "relay:1", "c", transport="relay")
+        assert limited.value.status == 429 and limited.value.code == "rate_limited"
+        await external_message(node, "relay:2", "d", transport="relay")  # another sender has its own bucket
+
+
+@pytest.mark.anyio
+async def test_a_claimed_message_is_answered_and_expired_through_dm_claim_message_never_a_webhook(tmp_path):
+    from darkmatter.api import ToolError, external_message
+
+    claim = RelayClaim()
+    plugin = RelayPlugin(claim)
+    async with node_context(tmp_path, plugins="", extra=[plugin]) as node:
+        first = await external_message(node, "relay:1", "question", transport="relay")
+        second = await external_message(node, "relay:1", "another", transport="relay")
+        view = await _tool(node, "darkmatter_get_message", message_id=first["message_id"])
+        assert view["outside_mesh"] is True and view["verified"] is False
+        with pytest.raises(ToolError, match="outside the mesh"):
+            await _tool(node, "darkmatter_forward_message", message_id=first["message_id"], target_agent_id="ab" * 32)
+        result = await _tool(node, "darkmatter_respond_message", message_id=first["message_id"], response="answer")
+        assert (result["success"], result["message_id"], result["delivery"], result["last_error"]) == (
+            True, first["message_id"], "delivered", None)
+        assert result["webhook_called"] is None
+        assert claim.answers == [(first["message_id"], "answer")]
+        assert ("responded", first["message_id"], "delivered") in plugin.events
+        expired = await _tool(node, "darkmatter_expire_message", message_id=second["message_id"])
+        assert expired["status"] == "expired" and claim.expired == [second["message_id"]]
+        assert ("expired", second["message_id"], "expired by the agent") in plugin.events
+        assert node.state["inbox"] == [] and not node.state["outbox"]  # nothing went to any webhook
+        claim.fail = True
+        third = await external_message(node, "relay:1", "again", transport="relay")
+        failed = await _tool(node, "darkmatter_respond_message", message_id=third["message_id"], response="x")
+        assert failed["success"] is False and failed["last_error"] == "relay gone"
+    async with node_context(tmp_path / "plain", plugins="") as node:  # unclaimed: the mesh rules apply
+        entry = await external_message(node, "relay:1", "question", transport="relay")
+        with pytest.raises(ToolError, match="Webhook blocked"):
+            await _tool(node, "darkmatter_respond_message", message_id=entry["message_id"], response="answer")
+        with pytest.raises(ToolError, match="No sent message"):
+            await _tool(node, "darkmatter_expire_message", message_id=entry["message_id"])
+        assert [m["message_id"] for m in node.state["inbox"]] == [entry["message_id"]]
+
+
+@pytest.mark.anyio
+async def test_listing_and_reading_the_inbox_emits_dm_on_message_seen_once_per_state(tmp_path):
+    from darkmatter.api import external_message
+
+    plugin = RelayPlugin(RelayClaim())
+
+    def seen() -> list:
+        return [e for e in plugin.events if e[0] == "seen"]
+
+    async def settle() -> None:  # the event runs in a background task
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+
+    async with node_context(tmp_path, plugins="", extra=[plugin]) as node:
+        first = await external_message(node, "relay:1", "question", transport="relay")
+        second = await external_message(node, "relay:2", "other", transport="relay")
+        await settle()
+        assert seen() == []
+        await _tool(node, "darkmatter_get_message", message_id=second["message_id"])  # read before listed
+        await settle()
+        assert seen() == [("seen", second["message_id"], "read")]
+        listed = await _tool(node, "darkmatter_list_inbox")
+        assert listed["messages"][0]["outside_mesh"] is True
+        await settle()
+        assert seen()[1:] == [("seen", first["message_id"], "surfaced")]
+        await _tool(node, "darkmatter_list_inbox")
+        await _tool(node, "darkmatter_get_message", message_id=first["message_id"])
+        await settle()
+        assert seen()[2:] == [("seen", first["message_id"], "read")]  # listing again is not new

@@ -58,6 +58,8 @@ def inbox_view(entry: dict, full: bool = False) -> dict:
     view["webhook"] = entry.get("webhook")
     view["can_forward"] = (entry.get("hops_remaining") or 0) > 0
     view["unread"] = entry.get("read_at") is None
+    if entry.get("outside_mesh"):
+        view["outside_mesh"] = True  # came in through a bridge (e.g. A2A): unverified, answered by respond only
     return view
 
 
@@ -338,7 +340,8 @@ TOOLS = [
     Tool("darkmatter_get_sent_message", "One sent message in full: deliveries, how far each recipient got "
          "(queued, delivered, surfaced, read, responded), forwarding trail, receipts, responses.",
          get_sent_message, {"message_id": MESSAGE_ID}, ("message_id",), read_only=True, idempotent=True),
-    Tool("darkmatter_expire_message", "Mark one of your sent messages expired so nobody forwards it further.",
+    Tool("darkmatter_expire_message", "Mark one of your sent messages expired so nobody forwards it further. "
+         "For an inbox message from outside the mesh (outside_mesh, e.g. A2A), decline it instead.",
          expire_message, {"message_id": MESSAGE_ID}, ("message_id",), destructive=True, idempotent=True),
     Tool("darkmatter_list_connections", "Your connections with telemetry, health, key, protocol version "
          "and transport.", list_connections, {}, (), read_only=True, idempotent=True),

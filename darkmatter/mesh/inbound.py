@@ -23,8 +23,8 @@ from darkmatter.mesh.transport import Caller
 from darkmatter.wire import (MAX_BIO, MAX_NAME, MAX_NOTE, ProtocolError, age_seconds, bad, check_content,
                              check_hex, check_id, check_message_id, check_metadata, check_url, forbidden,
                              get_int, get_str, h, host_of, is_fresh, is_self_certifying, literal_class,
-                             new_request_id, normalize, now_iso, origin_key, parse_ts, require, truncate,
-                             valid_host_header, webhook_problem)
+                             new_message_id, new_request_id, normalize, now_iso, origin_key, parse_ts, require,
+                             truncate, valid_host_header, webhook_problem)
 
 if TYPE_CHECKING:
     from darkmatter.node import Node
@@ -471,6 +471,52 @@ async def message(node: Node, body: dict, caller: Caller) -> dict:
                               ("set", [*path, "health_failures"], conn.get("health_failures", 0))])
     await node.emit("dm_on_message_received", message=entry)
     return {"success": True, "queued": True, "queue_position": len(inbox)}
+
+
+async def external_message(node: Node, sender: str, content: Any, metadata: Any = None, *,
+                           transport: str) -> dict:
+    """Accept a message from outside the mesh into the inbox, for a bridge plugin (e.g. A2A).
+
+    ``sender`` is a pseudo-peer id ``<transport>:<id>``, which is never a mesh agent_id. The message is
+    unverified and marked ``outside_mesh``; it has no webhook (its answer goes back through the plugin that
+    claims it, see ``dm_claim_message``) and no hops. Otherwise the rules of §4.7 apply: inactive → 503,
+    content and metadata limits, the sender's and the node's message rate limits (§13.1), the inbox cap and
+    one sender's half of it (§13.2). Durable on return; returns the inbox entry (treat it as read-only)."""
+    inactive_check(node)
+    sender = check_id(sender, "from_agent_id")
+    if not transport or not sender.startswith(transport + ":"):
+        raise bad(f"An outside sender's id must start with '{transport}:'")
+    check_content(content)
+    metadata = check_metadata(metadata)
+    node.rate.check("message_peer", sender)
+    node.rate.check("message_node")
+    inbox = node.state["inbox"]
+    if len(inbox) >= node.config.inbox_max:
+        raise ProtocolError(429, "capacity", "Message queue full")
+    index = inbox_index(node)
+    if index.senders.get(sender, 0) >= max(1, node.config.inbox_max // 2):
+        raise ProtocolError(429, "capacity", "Message queue full for this sender")
+    message_id = new_message_id()
+    entry = {"message_id": message_id, "content": content, "webhook": None, "hops_remaining": 0,
+             "from_agent_id": sender, "metadata": metadata, "received_at": now_iso(), "verified": False,
+             "signature_version": None, "forwarded_to": [], "transport": transport, "outside_mesh": True}
+    handled = node.state.get("messages_handled", 0)
+    inbox.append(entry)
+    index.add(entry)
+    index.key = InboxIndex.fingerprint(inbox)
+    remember(node, message_id)
+    node.state["messages_handled"] = handled + 1
+
+    def undo() -> None:
+        if entry in inbox:
+            inbox.remove(entry)
+        node.state["seen_message_ids"].pop(message_id, None)
+        node.state["messages_handled"] = handled
+    await persist(node, undo, [("append", ["inbox"], entry),
+                              ("set", ["seen_message_ids", message_id], node.state["seen_message_ids"][message_id]),
+                              ("set", ["messages_handled"], node.state["messages_handled"])])
+    await node.emit("dm_on_message_received", message=entry)
+    return entry
 
 
 # --- webhooks (§5.6, §5.7) ------------------------------------------------------------------------

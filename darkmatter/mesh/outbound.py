@@ -276,10 +276,18 @@ async def check_webhook(node: Node, entry: dict) -> str | None:
     return await check(node, entry["webhook"], strict=True)
 
 
+def _claim(node: Node, entry: dict):
+    """The plugin claim on an inbox entry answered outside the mesh (``dm_claim_message``), or None."""
+    return node.pm.hook.dm_claim_message(node=node, message=dict(entry))
+
+
 async def forward_message(node: Node, message_id: str, target_agent_id: str, note: str | None = None,
                           force: bool = False) -> dict:
     """§5.3."""
     entry = _inbox_entry(node, message_id)
+    if _claim(node, entry) is not None:
+        raise ToolError(f"Message {message_id!r} came from outside the mesh ({entry['from_agent_id'][:64]}) and "
+                        "cannot be forwarded; answer it with darkmatter_respond_message.")
     if note is not None and len(note) > MAX_NOTE:
         raise ToolError(f"note is longer than {MAX_NOTE} characters.")
     if target_agent_id == node.agent_id or target_agent_id not in node.connections:
@@ -342,6 +350,16 @@ async def respond_message(node: Node, message_id: str, response: str, metadata: 
         metadata = check_metadata(metadata) if metadata is not None else (entry.get("metadata") or {})
     except ProtocolError as exc:
         raise ToolError(exc.error) from None
+    claim = _claim(node, entry)
+    if claim is not None:
+        outcome = await claim.respond(entry, response, metadata)
+        if entry in node.state["inbox"]:
+            node.state["inbox"].remove(entry)
+        await node.save()
+        state = outcome.get("delivery", "delivered")
+        await node.emit("dm_on_message_responded", message_id=message_id, response=response, delivery=state)
+        return {"success": state != "failed", "message_id": message_id, "delivery": state,
+                "last_error": outcome.get("last_error")}
     problem = await check_webhook(node, entry)
     if problem:
         raise ToolError(f"Webhook blocked: {problem}")
@@ -359,7 +377,16 @@ async def respond_message(node: Node, message_id: str, response: str, metadata: 
 async def expire_message(node: Node, message_id: str) -> dict:
     sent = node.state["sent_messages"].get(message_id)
     if sent is None:
-        raise ToolError(f"No sent message {message_id!r}. See darkmatter_list_messages.")
+        entry = next((m for m in node.state["inbox"] if m["message_id"] == message_id), None)
+        claim = _claim(node, entry) if entry is not None else None
+        if claim is None:
+            raise ToolError(f"No sent message {message_id!r}. See darkmatter_list_messages.")
+        await claim.expire(entry)
+        if entry in node.state["inbox"]:
+            node.state["inbox"].remove(entry)
+        await node.save()
+        await node.emit("dm_on_message_expired", message_id=message_id, reason="expired by the agent")
+        return {"success": True, "message_id": message_id, "status": "expired"}
     sent["status"] = "expired"
     await node.save()
     await node.emit("dm_on_message_expired", message_id=message_id, reason="expired by owner")

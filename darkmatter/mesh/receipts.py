@@ -54,6 +54,7 @@ def advance(node: Node, entry: dict, state: str) -> bool:
     node.save_soon()
     if node.config.receipts:
         node.spawn(_send(node, entry, fresh), name="receipt")
+    node.spawn(node.emit("dm_on_message_seen", message=dict(entry), state=fresh), name="message-seen")
     return True
 
 
