@@ -2,7 +2,8 @@
 ``tests/js/client.mjs``) and the MCP Inspector CLI, each over stdio and over streamable HTTP.
 
 A session fixture installs the pinned packages into ``tests/js/node_modules`` with ``npm install``; the tests
-are skipped, with the reason shown, only where ``node`` or ``npm`` is not installed.
+are skipped, with the reason shown, only where ``node`` or ``npm`` is not installed, and fail there instead
+under ``CI=true`` (CI has both).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from darkmatter.mesh import outbound as actions
-from darkmatter.testing import env_for_tests, mesh, node_context
+from darkmatter.testing import env_for_tests, mesh, node_context, skip_unless_ci
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +33,7 @@ RUN = [sys.executable, "-m", "darkmatter", "run"]
 def js_dir() -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
-        pytest.skip("node/npm not installed: the TypeScript SDK and MCP Inspector client tests need them")
+        skip_unless_ci("node/npm not installed: the TypeScript SDK and MCP Inspector client tests need them")
     installed = JS_DIR / "node_modules" / ".package-lock.json"
     lock = JS_DIR / "package-lock.json"
     fresh = installed.exists() and installed.stat().st_mtime >= max(lock.stat().st_mtime if lock.exists() else 0,

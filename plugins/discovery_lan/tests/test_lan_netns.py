@@ -12,7 +12,8 @@ Every node is ``python -m darkmatter run`` with ``DARKMATTER_PLUGINS=http_transp
 MCP client in its own namespace (``netns_mcp_client.py``) over ``/mcp``. Every node must find every other
 announcing node, verified and with the sender's address in its URL (read with ``darkmatter_network_info``);
 then A0 connects to B through the URL it discovered, sends B a message and reads B's answer.
-Needs root (CI runs as root); without it the tests are skipped with the reason.
+Needs root (CI runs as root); without it the tests are skipped with the reason, and under ``CI=true`` they
+fail instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from darkmatter.testing import skip_unless_ci
 
 pytestmark = pytest.mark.netns
 
@@ -220,15 +223,15 @@ class Lan:
 @pytest.fixture
 def lan(tmp_path):
     if shutil.which("ip") is None:
-        pytest.skip("cannot create network namespaces: the `ip` command (iproute2) is not installed")
+        skip_unless_ci("cannot create network namespaces: the `ip` command (iproute2) is not installed")
     if hasattr(os, "geteuid") and os.geteuid() != 0:
-        pytest.skip("cannot create network namespaces: this test needs root (it runs as root in CI)")
+        skip_unless_ci("cannot create network namespaces: this test needs root (it runs as root in CI)")
     network = Lan(tmp_path)
     try:
         network.build(3)
     except RuntimeError as exc:
         problems = network.close()
-        pytest.skip(f"cannot create network namespaces: {exc}" + (f" (cleanup: {problems})" if problems else ""))
+        skip_unless_ci(f"cannot create network namespaces: {exc}" + (f" (cleanup: {problems})" if problems else ""))
     except BaseException:
         network.close()
         raise
