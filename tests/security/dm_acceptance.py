@@ -7,6 +7,8 @@
 * :class:`CaptureServer` — a tiny HTTP/1.1 server on another loopback port that records every request and
   answers as the test says (status, redirects, slow drips, huge bodies).
 * :func:`raw_http` — one request as exact bytes on a fresh socket (odd paths, broken headers, bodies).
+* :class:`ResolverLoop` — an event loop whose name resolution the test scripts for chosen names (rebinding).
+* :class:`CountingTransport` — httpx's own transport, counting the body bytes a client actually read.
 
 Every wait here is bounded in time.
 """
@@ -14,6 +16,7 @@ Every wait here is bounded in time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -338,25 +341,27 @@ Handler = Callable[[Captured], Answer]
 
 
 class CaptureServer:
-    """An HTTP/1.1 server on 127.0.0.1 that records each request and answers from ``handler``."""
+    """An HTTP/1.1 server on a loopback address (127.0.0.1 unless told) that records each request and
+    answers from ``handler``."""
 
-    def __init__(self, handler: Handler | None = None):
+    def __init__(self, handler: Handler | None = None, *, host: str = "127.0.0.1", port: int = 0):
         self.handler = handler or (lambda req: Answer())
         self.requests: list[Captured] = []
         self.connections = 0
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.port = 0
+        self.host = host
+        self.port = port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def paths(self, method: str | None = None) -> list[str]:
         return [r.path for r in self.requests if method is None or r.method == method]
 
     async def __aenter__(self) -> CaptureServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=1 << 20)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=1 << 20)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -437,6 +442,120 @@ class CaptureServer:
 def _head(status: int, reason: str, headers: dict[str, str]) -> bytes:
     return (f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             + "\r\n").encode("latin-1")
+
+
+@contextlib.asynccontextmanager
+async def capture_pair(first: str, second: str, handler: Handler | None = None):
+    """Two capture servers on the same port of two loopback addresses (what one name rebound between two
+    addresses reaches); retried on another port when the second address has that port taken."""
+    for _ in range(20):
+        one = await CaptureServer(handler, host=first).__aenter__()
+        try:
+            two = await CaptureServer(handler, host=second, port=one.port).__aenter__()
+        except OSError:
+            await one.__aexit__(None, None, None)
+            continue
+        try:
+            yield one, two
+        finally:
+            await two.__aexit__(None, None, None)
+            await one.__aexit__(None, None, None)
+        return
+    raise RuntimeError(f"no port free on both {first} and {second}")
+
+
+# --- a resolver the test controls -----------------------------------------------------------------------
+
+
+class ResolverLoop(asyncio.SelectorEventLoop):
+    """An asyncio event loop whose name resolution the test scripts for the names it chooses.
+
+    ``answer(name, [addresses of the 1st lookup], [of the 2nd], ...)`` makes each lookup of `name` on this loop
+    get the next list (the last one repeats) and counts it in ``lookups``; a DNS server rebinding a name
+    between two lookups behaves like this. Every other name goes to the system resolver as usual. Whatever
+    resolves on the loop sees it: the node's ``Net``, httpx (through anyio) and asyncio's own connections.
+    Use it as the ``anyio_backend`` ``loop_factory``; names under ``.test`` (RFC 2606) never reach DNS.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: dict[str, list[list[str]]] = {}
+        self.lookups: collections.Counter[str] = collections.Counter()
+
+    def answer(self, name: str, *lookups: list[str]) -> None:
+        self.answers[name.lower()] = [list(addresses) for addresses in lookups]
+        self.lookups[name.lower()] = 0
+
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+        name = (host.decode("idna") if isinstance(host, bytes) else host or "").lower().rstrip(".")
+        script = self.answers.get(name)
+        if script is None:
+            return await super().getaddrinfo(host, port, family=family, type=type, proto=proto, flags=flags)
+        self.lookups[name] += 1
+        addresses = script.pop(0) if len(script) > 1 else script[0]
+        number = int(port or 0)
+        infos = []
+        for address in addresses:
+            v6 = ":" in address
+            af = socket.AF_INET6 if v6 else socket.AF_INET
+            if family not in (0, socket.AF_UNSPEC, af):
+                continue
+            infos.append((af, type or socket.SOCK_STREAM, proto or socket.IPPROTO_TCP, "",
+                          (address, number, 0, 0) if v6 else (address, number)))
+        if not infos:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return infos
+
+
+def resolver() -> ResolverLoop:
+    """The running loop's scripted resolver (the module's ``anyio_backend`` must use :class:`ResolverLoop`)."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, ResolverLoop), "this test needs anyio_backend with loop_factory=ResolverLoop"
+    return loop
+
+
+# --- counting what a client read --------------------------------------------------------------------------
+
+
+class CountingTransport(httpx.AsyncHTTPTransport):
+    """httpx's own HTTP transport that counts, per ``host:port``, the body bytes the client pulled out of each
+    response (what it read, not what the server sent or the kernel buffered)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.read: collections.Counter[str] = collections.Counter()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        key = f"{request.url.host}:{request.url.port}"
+        inner = response.stream
+        counts = self.read
+
+        class Counted(httpx.AsyncByteStream):
+            async def __aiter__(self):
+                async for chunk in inner:
+                    counts[key] += len(chunk)
+                    yield chunk
+
+            async def aclose(self) -> None:
+                await inner.aclose()
+
+        response.stream = Counted()
+        return response
+
+
+async def count_reads(node) -> CountingTransport:
+    """Give `node`'s outbound HTTP client (http_transport's) a :class:`CountingTransport`, same settings
+    otherwise."""
+    from darkmatter_http_transport import transport_of
+
+    net = transport_of(node).open()
+    old = net.client
+    transport = CountingTransport()
+    net.client = httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False,
+                                   timeout=old.timeout, headers=old.headers)
+    await old.aclose()
+    return transport
 
 
 def well_known_doc(agent_id: str, public_key_hex: str, url: str) -> dict:
