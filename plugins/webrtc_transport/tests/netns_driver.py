@@ -31,21 +31,37 @@ ENV = {"DARKMATTER_STUN_SERVERS": "", "DARKMATTER_HEALTH_INTERVAL": "3600"}
 
 
 class Observer:
-    """Observes what each node accepted into its inbox, and can hold the ack of one message."""
+    """Observes what each node accepted into its inbox, and can hold the ack of one message: for
+    ``hold_seconds``, or until the driver sets ``gate`` (bounded by ``GATE_CAP`` seconds)."""
+
+    GATE_CAP = 30.0
 
     def __init__(self):
         self.received: list[dict] = []
         self.hold_seconds = 0.0
         self.held = asyncio.Event()
+        self.gate: asyncio.Event | None = None
+        self.released = asyncio.Event()
 
     @hookimpl
     def dm_on_message_received(self, node, message):
         self.received.append({"message_id": message["message_id"], "transport": message.get("transport")})
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            self.held.set()
+            return self._wait(gate)  # awaited inside mesh.message: the frame's ack waits too
         if self.hold_seconds:
             seconds, self.hold_seconds = self.hold_seconds, 0.0
             self.held.set()
             return asyncio.sleep(seconds)  # awaited inside mesh.message: the frame's ack waits too
         return None
+
+    async def _wait(self, gate: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(gate.wait(), self.GATE_CAP)
+        except asyncio.TimeoutError:
+            pass
+        self.released.set()
 
 
 async def until(predicate, timeout: float = 10.0) -> bool:
@@ -220,14 +236,24 @@ async def scenario(root: Path) -> dict:
         await tool(a, "darkmatter_upgrade_webrtc", agent_id=b.agent_id)
         out["reconnected_open"] = await until(lambda: ra.open_peers() == [b.agent_id])
 
-        # A peer A does not know to be 0.3 gets fire-and-forget frames (no wait for an ack).
+        # A peer A does not know to be 0.3 gets fire-and-forget frames (no wait for an ack). B holds the
+        # message in its event hook, and so its ack, until A's send has returned: a sender that waited for
+        # the ack could only return after the gate opens, or after its 2 s ack timeout over HTTP instead.
         conn = a.connections[b.agent_id]
         saved = conn.get("known_03"), conn.get("protocol_version")
         conn["known_03"], conn["protocol_version"] = False, "0.2"
+        gate = asyncio.Event()
+        obs_b.held, obs_b.released, obs_b.gate = asyncio.Event(), asyncio.Event(), gate
         started = time.monotonic()
-        fire = await send(a, b, "fire and forget")
-        fire["seconds"] = round(time.monotonic() - started, 3)
-        # (wait for B's event hook, not just its inbox: the hold below must catch the next message)
+        result = await actions.send_message(a, "fire and forget", b.agent_id)
+        delivery = result["deliveries"][b.agent_id]
+        fire = {"message_id": result["message_id"], "state": delivery["state"], "transport": delivery["transport"],
+                "acknowledged": delivery.get("acknowledged"), "seconds": round(time.monotonic() - started, 3),
+                "returned_before_b_released": not obs_b.released.is_set()}
+        # B gets the frame (its hook holds it) while A's send has long returned
+        fire["held_at_b"] = await until(obs_b.held.is_set, 10)
+        gate.set()
+        fire["released"] = await until(obs_b.released.is_set, 10)
         fire["arrived"] = await until(
             lambda: any(m["message_id"] == fire["message_id"] for m in obs_b.received), 10)
         fire["inbox_transport"] = inbox_transport(b, fire["message_id"])

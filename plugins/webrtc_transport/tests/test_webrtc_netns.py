@@ -135,8 +135,14 @@ def test_reupgrade_from_other_side_and_disconnect_closes_channels(run):
 
 
 def test_fire_and_forget_to_peer_not_known_03(run):
+    # B holds the message, and so its ack, in its event hook until A's send has returned: a sender that
+    # waited for the ack could not report it delivered over the channel (it would time out to HTTP, or
+    # leave it queued)
     fire = run["fire_and_forget"]
     assert fire["state"] == "delivered" and fire["transport"] == "webrtc"
+    assert fire["acknowledged"] is False
+    assert fire["returned_before_b_released"] is True
+    assert fire["held_at_b"] is True and fire["released"] is True
     assert fire["arrived"] is True and fire["inbox_transport"] == ["webrtc"]
 
 
