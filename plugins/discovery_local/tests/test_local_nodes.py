@@ -104,15 +104,14 @@ async def test_discover_local_tool_scans_now(tmp_path):
 
 @pytest.mark.anyio
 async def test_discover_local_over_mcp(tmp_path):
-    """The tool as an MCP client sees it, when the kernel's MCP endpoint is present."""
+    """The tool as an MCP client sees it, through the kernel's /mcp endpoint."""
     ports = free_ports(2)
     async with contextlib.AsyncExitStack() as stack:
         nodes = [scanning_node(tmp_path, f"m{i}", port, ports) for i, port in enumerate(ports)]
         for node in nodes:
             await node.start()
             stack.push_async_callback(node.stop)
-        if getattr(nodes[0], "mcp", None) is None:
-            pytest.skip("the kernel's /mcp endpoint is not built yet (node.mcp is missing)")
+        assert nodes[0].mcp is not None, "the kernel did not build its /mcp endpoint"
         from mcp import ClientSession
         from mcp.client.streamable_http import streamable_http_client
 
