@@ -96,11 +96,25 @@ async def test_unsigned_request_from_a_legacy_uuid_node_is_accepted_keyless(tmp_
 
 
 async def test_inactive_node_refuses_requests_and_messages_but_serves_status(tmp_path):
+    """§2.1: an inactive node answers 503 ``inactive`` to connection requests and to messages, even from a
+    connected peer, and keeps nothing of them; /status still answers."""
     async with node_context(tmp_path / "a") as a:
+        friend = RawPeer()
+        await friend.connect(a)
         a.state["status"] = "inactive"
         peer = RawPeer()
         response = await peer.post(a, "/__darkmatter__/connection_request", peer.connection_request())
         assert response.status_code == 503 and response.json()["code"] == "inactive"
+        assert peer.agent_id not in a.connections and a.state["pending_requests"] == {}
+        message = friend.message(a, "are you there?")
+        response = await friend.post(a, "/__darkmatter__/message", message)
+        assert response.status_code == 503 and response.json()["code"] == "inactive", response.text
+        assert a.state["inbox"] == [] and message["message_id"] not in a.state["seen_message_ids"]
+        # (the same message is accepted once the node is active again: nothing of it was remembered)
+        a.state["status"] = "active"
+        assert (await friend.post(a, "/__darkmatter__/message", message)).status_code == 200
+        assert [m["message_id"] for m in a.state["inbox"]] == [message["message_id"]]
+        a.state["status"] = "inactive"
         async with client(a) as http:
             status = await http.get("/__darkmatter__/status")
         assert status.status_code == 200 and status.json()["status"] == "inactive"
