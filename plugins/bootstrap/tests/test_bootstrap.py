@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from starlette.requests import Request
 
 from darkmatter.api import PROTOCOL_VERSION, Session, __version__, request_connection, send_message
 from darkmatter.testing import client
@@ -265,8 +266,8 @@ async def test_a_package_that_does_not_match_its_sha256_is_refused_before_anythi
 
 
 def hostile_hosts(mark: Path) -> list[str]:
-    # Each fails the §4.2 pattern. A loopback-bound node refuses them at the Host check (421); a node
-    # without that check would fall back to its own URL. Either way nothing from them is embedded.
+    # Each fails the §4.2 pattern. A loopback-bound node refuses them at the Host check (421); past that
+    # check the script's origin falls back to the node's own URL. Either way nothing from them is embedded.
     return [f"127.0.0.1:1';touch {mark};'", f"localhost:$(touch {mark})", f"localhost:`touch {mark}`",
             f'127.0.0.1:1";touch {mark};"', f"localhost:1|touch {mark}", f"localhost:1&&touch {mark}",
             f"127.0.0.1:1'\"$(touch {mark})\"'"]
@@ -280,33 +281,61 @@ async def run_limited(script: bytes, tmp_path: Path, name: str) -> tuple[int, st
     return code, out, err, home
 
 
-@needs_bash
-async def test_malicious_host_gets_a_harmless_script(tmp_path):
+def bootstrap_request(port: int, host: str, proto: str) -> Request:
+    """The Starlette request /bootstrap would get for this Host and X-Forwarded-Proto (a real ASGI scope)."""
+    return Request({"type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/bootstrap",
+                    "raw_path": b"/bootstrap", "query_string": b"", "root_path": "",
+                    "headers": [(b"host", host.encode("latin-1")), (b"x-forwarded-proto", proto.encode("latin-1"))],
+                    "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", port)})
+
+
+async def test_malicious_host_is_refused_before_any_script_is_rendered(tmp_path):
+    """A loopback-bound node answers every hostile Host with 421 (§2.1, §12.2), echoing nothing of it; and
+    were one to get past that check, the script's origin would be the node's own URL (§4.2), not the Host."""
     mark = tmp_path / "pwned"
-    statuses = []
+    hosts = hostile_hosts(mark)
     async with node_context(tmp_path / "a") as node:
         assert (await ready(node)).status == "ready"
-        for i, host in enumerate(hostile_hosts(mark)):
+        for host in hosts:
             status, headers, body = await raw_get(node.port, "/bootstrap", host=host,
                                                   extra=(f"X-Forwarded-Proto: http';touch {mark};'",))
-            assert status in (200, 421), host  # 421: refused by the Host check, which is harmless too
-            statuses.append(status)
+            assert status == 421, (host, body[:200])
+            assert headers["content-type"] == "application/json"
+            assert json.loads(body)["code"] == "misdirected"
+            assert b"touch" not in body and str(mark).encode() not in body
+            request = bootstrap_request(node.port, host, f"http';touch {mark};'")
+            assert bootstrap.origin_for(node, request) == node.base_url.rstrip("/"), host
+    assert not mark.exists() and len(hosts) == 7
+
+
+@needs_bash
+async def test_hostile_forwarded_proto_with_a_valid_host_gets_a_harmless_script(tmp_path):
+    """A valid Host passes the check and is used (§4.2); a hostile X-Forwarded-Proto is not a scheme, so the
+    script's origin is http:// with that Host, and nothing of the header reaches the script or runs."""
+    mark = tmp_path / "pwned"
+    protos = [f"http';touch {mark};'", f"https$(touch {mark})", f"`touch {mark}`", f"http\";touch {mark};\"",
+              f"javascript:touch {mark}", f"https, http';touch {mark};'"]
+    async with node_context(tmp_path / "a") as node:
+        assert (await ready(node)).status == "ready"
+        for i, proto in enumerate(protos):
+            host = f"localhost:{node.port}"
+            status, headers, body = await raw_get(node.port, "/bootstrap", host=host,
+                                                  extra=(f"X-Forwarded-Proto: {proto}",))
+            assert status == 200 and headers["content-type"].startswith("text/plain"), (proto, body[:200])
             text = body.decode()
-            if status == 200:
-                assert headers["content-type"].startswith("text/plain")
-                assert f"DM_ORIGIN='{node.base_url}'\n" in text  # the §4.2 fallback, not the Host
-            assert "touch" not in text and str(mark) not in text and host not in text
+            assert f"\nDM_ORIGIN='http://localhost:{node.port}'\n" in text, proto  # the Host, not the proto
+            assert "touch" not in text and str(mark) not in text, proto
             path = tmp_path / f"script-{i}.sh"
             path.write_bytes(body)
-            if status == 200:
-                code, _, err = await run(BASH, "-n", str(path), env={"PATH": os.environ["PATH"]})
-                assert code == 0, err
+            code, _, err = await run(BASH, "-n", str(path), env={"PATH": os.environ["PATH"]})
+            assert code == 0, err
             code, out, err, home = await run_limited(body, tmp_path, str(i))
-            assert not mark.exists(), (host, out, err)
-            if status == 200:
-                assert code == 1 and "needs Python 3.11" in err  # stops at the first real step
-                assert list(home.iterdir()) == []
-    assert statuses, "no hostile Host was tried"
+            assert code == 1 and "needs Python 3.11" in err, (proto, out, err)  # stops at the first real step
+            assert list(home.iterdir()) == [] and not mark.exists(), (proto, out, err)
+        # the header is read: a real scheme in it is used
+        _, _, body = await raw_get(node.port, "/bootstrap", host=f"localhost:{node.port}",
+                                   extra=("X-Forwarded-Proto: https",))
+        assert f"\nDM_ORIGIN='https://localhost:{node.port}'\n" in body.decode()
 
 
 @needs_bash
