@@ -1,5 +1,6 @@
 """LAN beacons on loopback only: the listener is joined on 127.0.0.1 and every datagram in these tests is
-sent by unicast to 127.0.0.1, so nothing leaves this host (the multicast tests live in test_lan_netns.py)."""
+sent to 127.0.0.1, or to the loopback broadcast address 127.255.255.255 (which every socket bound to the port
+receives, as with multicast), so nothing leaves this host (the multicast tests live in test_lan_netns.py)."""
 
 from __future__ import annotations
 
@@ -49,10 +50,12 @@ def signed_beacon(identity: Identity, *, agent_id: str | None = None, port: int 
     return beacon
 
 
-def send(udp_port: int, payload: bytes | dict) -> None:
+def send(udp_port: int, payload: bytes | dict, to: str = "127.0.0.1") -> None:
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto(data, ("127.0.0.1", udp_port))
+        if to.endswith(".255"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.sendto(data, (to, udp_port))
 
 
 async def wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -196,10 +199,18 @@ async def test_loopback_node_listens_but_does_not_send(tmp_path):
 
 @pytest.mark.anyio
 async def test_several_nodes_share_the_port(tmp_path):
+    """Two nodes on one host listen on the same UDP port and both receive a beacon: sent to the loopback
+    broadcast address, it reaches every socket bound to the port (a unicast datagram would reach one)."""
     port = free_udp_port()
     async with lan_node(tmp_path, port, "a") as a, lan_node(tmp_path, port, "b") as b:
-        await wait_listening(a)
-        await wait_listening(b)
+        source_a, source_b = await wait_listening(a), await wait_listening(b)
+        peer = Identity.generate()
+        send(port, signed_beacon(peer), to="127.255.255.255")
+        assert await wait_for(lambda: peer.public_key_hex in a.discovered and peer.public_key_hex in b.discovered), \
+            (sorted(a.discovered), sorted(b.discovered))
+        assert source_a.received_count == source_b.received_count == 1
+        assert a.discovered[peer.public_key_hex]["url"] == b.discovered[peer.public_key_hex]["url"] == \
+            "http://127.0.0.1:8101"
 
 
 @pytest.mark.anyio
