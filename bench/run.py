@@ -43,6 +43,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "scale": ("bench.scale", "N = 10/50/100 nodes in one process: RSS, start-up, 5-hop crossing"),
     "simulation": ("bench.simulation", "1000 nodes over the memory transport: RSS, connect, 10 hops, broadcast, "
                                        "healing after 10 % die, vs N = 100"),
+    "responsive": ("bench.responsive", "POST /message -> MCP list_changed; /status latency under write load"),
 }
 
 

@@ -67,3 +67,22 @@ def test_a_small_simulation_over_the_memory_transport_connects_routes_and_heals(
     queued, expected_dead = map(int, result["dead_queued"].split("/"))
     assert live == expected_live > 0 and queued == expected_dead > 0
     assert result["heal_s"] is not None
+
+
+@pytest.mark.timeout(240)
+def test_quick_responsive_writes_every_figure(tmp_path):
+    """The latencies the tests only bound generously (list_changed after a message, /status under write load)
+    are measured by ``python -m bench --only responsive``; it must keep producing them."""
+    out = tmp_path / "bench.json"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "responsive", "--out", str(out),
+                           "--logs", str(tmp_path / "logs")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())["scenarios"]["responsive"]["figures"]
+    for name in ("notify_ms", "notify_max_ms", "ack_ms", "bare_post_ms", "notify_ratio"):
+        assert spread_ok(figures["list_changed"][name]), name
+    for server in ("node", "bare"):
+        for name in ("p50_ms", "p99_ms", "max_ms", "reads"):
+            assert spread_ok(figures["status_under_load"][server][name]), (server, name)
+    assert spread_ok(figures["status_under_load"]["p99_ratio"])
