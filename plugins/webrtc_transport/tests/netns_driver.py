@@ -64,6 +64,17 @@ class Observer:
         self.released.set()
 
 
+class Warnings(logging.Handler):
+    """Collects the webrtc plugin's warnings (e.g. "no ack from ... within 2 s")."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 async def until(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -168,6 +179,8 @@ async def gather_timeouts(root: Path) -> dict:
 
 
 async def scenario(root: Path) -> dict:
+    warnings = Warnings()
+    logging.getLogger("darkmatter_webrtc_transport").addHandler(warnings)
     obs_a, obs_b = Observer(), Observer()
     a = make_node(root / "a", plugins=PLUGINS, extra=[obs_a], DARKMATTER_WEBRTC_ACK_TIMEOUT="2", **ENV)
     b = make_node(root / "b", plugins=PLUGINS, extra=[obs_b], **ENV)
@@ -210,6 +223,7 @@ async def scenario(root: Path) -> dict:
         pending = asyncio.ensure_future(actions.send_message(a, "held on the channel", b.agent_id))
         held = await until(obs_b.held.is_set, 10)
         closed_at = time.monotonic()
+        warned = len(warnings.messages)
         await rb.close(a.agent_id)
         result = await asyncio.wait_for(pending, 30)
         mid = result["message_id"]
@@ -218,7 +232,8 @@ async def scenario(root: Path) -> dict:
                          "transport": result["deliveries"][b.agent_id]["transport"],
                          "seconds_after_close": round(time.monotonic() - closed_at, 3),
                          "copies_at_b": len(inbox_transport(b, mid)), "inbox_transport": inbox_transport(b, mid),
-                         "both_http": both_http}
+                         "both_http": both_http,
+                         "ack_timeouts": sum("no ack from" in m for m in warnings.messages[warned:])}
         out["after_close"] = {"a_to_b": await send(a, b, "after the close"), "b_to_a": await send(b, a, "me too"),
                               "a_lists": await transports_listed(a), "b_lists": await transports_listed(b),
                               "a_status": a.status_lines()}
