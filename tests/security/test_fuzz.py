@@ -399,7 +399,8 @@ FRAMING = [
     ("two Content-Lengths", b"POST /__darkmatter__/message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
      b"Content-Length: 3\r\n\r\n{}", 400, None),
     ("bad chunk size",
-     b"POST /__darkmatter__/message HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, None),
+     b"POST /__darkmatter__/message HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     400, None),
     ("NUL in a header", b"GET /__darkmatter__/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX: \x00\r\n\r\n", 400, None),
     ("non-ASCII path", b"GET /\xff\xfe HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, None),
     ("a TLS ClientHello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100, 400, None),
