@@ -121,6 +121,7 @@ def test_a_missing_prerequisite_skips_here_and_fails_under_ci(tmp_path, ci, outc
 NEEDS_ROOT_OR_NPM = {
     "plugins/http_transport/tests/test_upkeep.py": "root: a network namespace",
     "plugins/webrtc_transport/tests/test_webrtc_netns.py": "root: a network namespace",
+    "plugins/webrtc_transport/tests/test_webrtc_conformance.py": "root: a network namespace",
     "plugins/discovery_lan/tests/test_lan_netns.py": "root: network namespaces",
     "tests/reliability/test_persistence.py": "root: tmpfs mounts",
     "tests/test_mcp_js.py": "node and npm",
