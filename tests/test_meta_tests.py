@@ -2,9 +2,9 @@
 
 * ``tests/security/README.md`` lists exactly the tests of ``tests/security`` and ``tests/reliability``, each in
   the section of its file, and claims an expected failure (xfail) only for a test that carries the marker;
-* a test whose prerequisite is missing (root for network namespaces or mounts, node/npm) skips on a developer
-  machine but fails under ``CI=true``, and the tests that need root or npm use that helper instead of a bare
-  ``pytest.skip``.
+* a test whose prerequisite is missing (root for network namespaces or mounts, node/npm, a headless browser)
+  skips on a developer machine but fails under ``CI=true``, and the tests that need one use that helper
+  instead of a bare ``pytest.skip``; README.md names them.
 """
 
 from __future__ import annotations
@@ -117,14 +117,17 @@ def test_a_missing_prerequisite_skips_here_and_fails_under_ci(tmp_path, ci, outc
         assert "CI=true" in done.stdout
 
 
-# Tests that need root (network namespaces, tmpfs mounts) or node/npm: the files, and why.
+# Tests that need what CI provides (root for network namespaces and tmpfs mounts, node/npm, a headless
+# browser): the file that decides to skip -> the tests README.md must name for it.
 NEEDS_ROOT_OR_NPM = {
-    "plugins/http_transport/tests/test_upkeep.py": "root: a network namespace",
-    "plugins/webrtc_transport/tests/test_webrtc_netns.py": "root: a network namespace",
-    "plugins/webrtc_transport/tests/test_webrtc_conformance.py": "root: a network namespace",
-    "plugins/discovery_lan/tests/test_lan_netns.py": "root: network namespaces",
-    "tests/reliability/test_persistence.py": "root: tmpfs mounts",
-    "tests/test_mcp_js.py": "node and npm",
+    "plugins/http_transport/tests/test_upkeep.py": "plugins/http_transport/tests/test_upkeep.py",
+    "plugins/webrtc_transport/tests/test_webrtc_netns.py": "plugins/webrtc_transport/tests/test_webrtc_netns.py",
+    "plugins/webrtc_transport/tests/test_webrtc_conformance.py":
+        "plugins/webrtc_transport/tests/test_webrtc_conformance.py",
+    "plugins/discovery_lan/tests/test_lan_netns.py": "plugins/discovery_lan/tests/test_lan_netns.py",
+    "tests/reliability/test_persistence.py": "tests/reliability/test_persistence.py",
+    "tests/test_mcp_js.py": "tests/test_mcp_js.py",
+    "plugins/console/tests/conftest.py": "plugins/console/tests/test_console_browser.py",
 }
 
 
@@ -151,6 +154,6 @@ def test_tests_that_need_root_or_npm_never_skip_silently_in_ci():
 def test_the_readme_says_which_tests_need_root_or_npm():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Tests"):text.index("## Benchmarks")]
-    for name in NEEDS_ROOT_OR_NPM:
+    for name in NEEDS_ROOT_OR_NPM.values():
         assert name in section, f"README.md's Tests section does not name {name}"
     assert "CI=true" in section

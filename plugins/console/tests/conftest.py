@@ -7,13 +7,12 @@ CI=true, where a missing browser fails them.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from darkmatter.testing import LoopThread
+from darkmatter.testing import LoopThread, skip_unless_ci
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -46,9 +45,7 @@ def browser(tmp_path_factory):
     """One headless Chromium per test module, with a fresh profile."""
     found = _browser_paths()
     if isinstance(found, str):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true needs the browser tests to run: {found}")
-        pytest.skip(found)
+        skip_unless_ci(found)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
