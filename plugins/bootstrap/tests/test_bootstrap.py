@@ -304,7 +304,7 @@ async def test_malicious_host_is_refused_before_any_script_is_rendered(tmp_path)
             assert json.loads(body)["code"] == "misdirected"
             assert b"touch" not in body and str(mark).encode() not in body
             request = bootstrap_request(node.port, host, f"http';touch {mark};'")
-            assert bootstrap.origin_for(node, request) == node.base_url.rstrip("/"), host
+            assert service.origin_for(node, service.caller_of(request)) == node.base_url.rstrip("/"), host
     assert not mark.exists() and len(hosts) == 7
 
 
