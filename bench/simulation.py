@@ -34,6 +34,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.scale import simple_path  # noqa: E402
+
 DEGREE_OUT = 3
 CROSS_HOPS = 10
 MB = 1024 * 1024
@@ -51,20 +53,6 @@ async def wait_until(predicate, timeout: float) -> bool:
             return True
         await asyncio.sleep(0.01)
     return bool(predicate())
-
-
-def simple_path(graph: dict[int, set[int]], hops: int, rng: random.Random) -> list[int] | None:
-    nodes = list(graph)
-    for _ in range(500):
-        path = [rng.choice(nodes)]
-        for _ in range(hops):
-            options = [j for j in graph[path[-1]] if j not in path]
-            if not options:
-                break
-            path.append(rng.choice(options))
-        if len(path) == hops + 1:
-            return path
-    return None
 
 
 async def simulate(n: int, seed: int = 7) -> dict:
