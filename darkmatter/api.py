@@ -32,7 +32,7 @@ from darkmatter.tools import Session, Tool, ToolError, boolean, integer, string
 from darkmatter.wire import (FRESH_SECONDS, MAX_BODY, MAX_ID, ProtocolError, bad, check_content, check_id,
                              check_message_id, check_metadata, cj, classify, endpoint, forbidden, h, host_of,
                              is_fresh, is_loopback_host, is_self_certifying, literal_class, loads_object,
-                             new_message_id, normalize, now_iso, parse_ts)
+                             loads_strict, new_message_id, normalize, now_iso, parse_ts)
 
 __all__ = [
     # markers and versions
@@ -61,8 +61,8 @@ __all__ = [
     # wire rules (docs/protocol.md §2, §7.3)
     "ProtocolError", "bad", "forbidden", "MAX_BODY", "MAX_ID", "FRESH_SECONDS", "now_iso", "is_fresh",
     "parse_ts", "check_id", "check_message_id", "is_self_certifying", "new_message_id", "endpoint",
-    "normalize", "host_of", "is_loopback_host", "loads_object", "h", "cj", "check_content", "check_metadata",
-    "classify",
+    "normalize", "host_of", "is_loopback_host", "loads_object", "loads_strict", "h", "cj", "check_content",
+    "check_metadata", "classify",
     "literal_class",
     # the control plane for people and other clients on the node's port (docs/protocol.md §12)
     "live_status", "check_control_request",

@@ -26,6 +26,7 @@ from darkmatter.config import Config
 from darkmatter.errors import StartupError
 from darkmatter.identity import Identity, v2_string
 from darkmatter.mesh.connections import MAX_CONNECTIONS
+from darkmatter.mesh.proofs import UrlProofs
 from darkmatter.mesh.transport import Transport
 from darkmatter.plugins import active_plugins, build_plugin_manager, plugin_name
 from darkmatter.ratelimit import RateLimiter, overrides_from_env
@@ -69,6 +70,7 @@ class Node:
         self.inbox_index = None  # darkmatter.mesh.inbound.InboxIndex, rebuilt when the inbox changed
         self.seen_prune_at = 0  # size of the seen-id table at which it is next pruned
         self.recovery_at: dict[str, float] = {}  # agent_id -> monotonic time of its last peer_lookup recovery
+        self.url_proofs = UrlProofs()  # §6.1 proofs of discovered peers' URLs
         self.http_ready = asyncio.Event() if _has_loop() else None
         self.lock = None  # darkmatter.state.StateLock, held while started
         self.exit_stack: contextlib.AsyncExitStack | None = None
@@ -312,9 +314,23 @@ class Node:
     # --- discovery table (§8.4) -----------------------------------------------------------
 
     def record_discovered(self, entry: dict) -> None:
+        """Record a discovered peer (§8.4). A self-certifying peer's URL is recorded only once its key signed
+        a fresh nonce there (§6.1): a copied well-known document or a replayed beacon proves nothing, so the
+        entry waits for that proof (``discovery_settled`` awaits the proofs in flight)."""
         agent_id = entry.get("agent_id")
         if not agent_id or agent_id == self.agent_id:
             return
+        if is_self_certifying(agent_id) and not self.url_proofs.proven(agent_id, entry.get("url")):
+            self.url_proofs.prove(self, entry)
+            return
+        self._store_discovered(entry)
+
+    async def discovery_settled(self, timeout: float = 6.0) -> None:
+        """Wait (at most ``timeout`` seconds) for the URL proofs of discovered peers still in flight."""
+        await self.url_proofs.settled(timeout)
+
+    def _store_discovered(self, entry: dict) -> None:
+        agent_id = entry["agent_id"]
         entry = {**entry, "last_seen": entry.get("last_seen") or asyncio.get_running_loop().time()}
         old = self.discovered.get(agent_id)
         if old and old.get("source") == "local" and entry.get("source") == "lan" \

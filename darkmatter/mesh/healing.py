@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from darkmatter.identity import peer_update_string
+from darkmatter.identity import peer_update_string, v2_string, verify
+from darkmatter.mesh.connections import known_03
 from darkmatter.mesh.dispatch import call
 from darkmatter.mesh.transport import SMALL
-from darkmatter.wire import endpoint, now_iso, origin_key, try_normalize
+from darkmatter.wire import endpoint, is_fresh, is_self_certifying, now_iso, origin_key, try_normalize, urls_match
 
 if TYPE_CHECKING:
     from darkmatter.node import Node
@@ -31,16 +33,46 @@ async def fetch_well_known(node: Node, base: str, *, strict: bool = True) -> dic
 
 
 async def check_url(node: Node, agent_id: str, url: str) -> str:
-    """§6.1: ``ok`` when `url` serves `agent_id` with K(agent_id); else ``unreachable`` or ``mismatch``."""
+    """§6.1: ``ok`` when the node at `url` proves possession of K(agent_id); else ``unreachable`` or ``mismatch``.
+
+    A copy of X's public well-known document proves nothing, so `url` must sign a fresh nonce with X's key
+    (``POST /__darkmatter__/challenge``). Only a peer known to speak 0.2 (a UUID id never announced as 0.3,
+    whose node has no challenge route) falls back to its well-known document: the limit of mixed networks."""
     key = node.key_of(agent_id)
-    if key is None:
+    base = try_normalize(url)
+    if key is None or base is None:
         return "mismatch"
-    doc = await fetch_well_known(node, url)
-    if doc is None:
+    nonce = secrets.token_hex(32)
+    reply = await call(node, "POST", endpoint(base, "challenge"), body={
+        "agent_id": agent_id, "from_agent_id": node.agent_id, "nonce": nonce}, timeout=5.0, max_bytes=SMALL,
+        strict=True)
+    if reply.status == 200 and isinstance(reply.body, dict):
+        return "ok" if proves_possession(node, reply.body, agent_id, key, nonce, base) else "mismatch"
+    if reply.status == 404 and _may_fall_back(node, agent_id):
+        doc = await fetch_well_known(node, base)
+        if doc is None:
+            return "unreachable"
+        if doc.get("agent_id") != agent_id or str(doc.get("public_key_hex", "")).lower() != key:
+            return "mismatch"
+        return "ok"
+    if reply.status is None or reply.classification == "transient":
         return "unreachable"
-    if doc.get("agent_id") != agent_id or str(doc.get("public_key_hex", "")).lower() != key:
-        return "mismatch"
-    return "ok"
+    return "mismatch"
+
+
+def proves_possession(node: Node, answer: dict, agent_id: str, key: str, nonce: str, base: str) -> bool:
+    """§6.1 step 3: signed under K(X) over this nonce, fresh, and naming the URL that was asked."""
+    url, timestamp, signature = answer.get("url"), answer.get("timestamp"), answer.get("signature_v2_hex")
+    if answer.get("agent_id") != agent_id or not isinstance(url, str) or not isinstance(signature, str):
+        return False
+    if not urls_match(url, base) or not is_fresh(timestamp):
+        return False
+    return verify(key, v2_string("challenge", nonce, agent_id, node.agent_id, url, timestamp), signature)
+
+
+def _may_fall_back(node: Node, agent_id: str) -> bool:
+    conn = node.connections.get(agent_id)
+    return conn is not None and not is_self_certifying(agent_id) and not known_03(conn)
 
 
 async def verify_url(node: Node, agent_id: str, url: str) -> bool:
@@ -73,6 +105,8 @@ async def recover(node: Node, agent_id: str) -> bool:
     votes: Counter[str] = Counter()
     current = conn["agent_url"]
     for task in done:
+        if task.cancelled() or task.exception() is not None:
+            continue  # one broken answer never aborts the recovery (§2.1)
         reply = task.result()
         if reply.status == 200 and isinstance(reply.body, dict) and reply.body.get("agent_id") == agent_id:
             url = try_normalize(reply.body.get("url"))

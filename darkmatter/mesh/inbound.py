@@ -790,6 +790,28 @@ async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
     return {"success": True, "updated": True}
 
 
+# --- challenge (§6.1) ------------------------------------------------------------------------------
+
+
+async def challenge(node: Node, body: dict, caller: Caller) -> dict:
+    """Prove possession of this node's key at the URL the challenger used: sign its fresh nonce.
+
+    The URL signed is one of this node's own base URLs (the one the challenger addressed when it is ours),
+    never a Host header as given: a relay in the middle forwarding the challenge gets its own URL refused."""
+    node.rate.check("get_ip", *rate_key(caller, body.get("from_agent_id")))
+    require(body, "agent_id", "from_agent_id", "nonce")
+    agent_id = check_id(body["agent_id"], "agent_id")
+    from_id = check_id(body["from_agent_id"], "from_agent_id")
+    check_hex(body["nonce"], "nonce", 64)
+    if agent_id != node.agent_id:
+        raise ProtocolError(404, "unknown_agent", "This node is not that agent")
+    addressed = agent_url_for(node, caller)
+    url = addressed if node.is_own_url(addressed) else node.base_url
+    timestamp = now_iso()
+    return {"agent_id": node.agent_id, "url": url, "timestamp": timestamp,
+            "signature_v2_hex": node.sign_v2("challenge", body["nonce"], agent_id, from_id, url, timestamp)}
+
+
 # --- the one inbound entry (every transport calls this) ----------------------------------------------
 
 
@@ -803,7 +825,7 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
     "connection_rejected": connection_rejected, "disconnect": disconnect, "message": message,
     "peer_update": peer_update, "webhook_post": webhook_post, "webhook_get": webhook_get,
     "impression": impression, "peer_lookup": peer_lookup, "status": status, "network_info": network_info,
-    "well_known": well_known_op,
+    "well_known": well_known_op, "challenge": challenge,
 }
 
 PREFIX = "/__darkmatter__/"
@@ -815,6 +837,7 @@ ROUTES: list[tuple[str, str, str, str | None]] = [
     ("POST", PREFIX + "disconnect", "disconnect", None),
     ("POST", PREFIX + "message", "message", None),
     ("POST", PREFIX + "peer_update", "peer_update", None),
+    ("POST", PREFIX + "challenge", "challenge", None),
     ("POST", PREFIX + "webhook/{message_id}", "webhook_post", "message_id"),
     ("GET", PREFIX + "webhook/{message_id}", "webhook_get", "message_id"),
     ("GET", PREFIX + "impression/{agent_id}", "impression", "agent_id"),

@@ -166,6 +166,82 @@ class RawPeer:
         return response.json()
 
 
+class PeerServer:
+    """A tiny HTTP server on 127.0.0.1 standing in for a peer that holds ``identity``: it answers the §6.1
+    challenge at its own URL (signing ``http://127.0.0.1:<port>``), serves ``document`` (a well-known
+    document, or None for 404) and answers 404 to everything else. ``requests`` records (method, path).
+
+        async with PeerServer(identity, document) as peer: ...   # peer.url, peer.port
+    """
+
+    def __init__(self, identity: Any = None, document: Any = None):
+        self.identity = identity
+        self.document = document
+        self.requests: list[tuple[str, str]] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> PeerServer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        import json
+
+        from darkmatter.identity import v2_string
+        from darkmatter.wire import now_iso
+
+        if method == "POST" and path == "/__darkmatter__/challenge" and self.identity is not None:
+            try:
+                asked = json.loads(body)
+            except ValueError:
+                return 400, {"error": "Invalid JSON body", "code": "invalid_json"}
+            if asked.get("agent_id") != self.identity.public_key_hex:
+                return 404, {"error": "unknown agent", "code": "unknown_agent"}
+            ts = now_iso()
+            return 200, {"agent_id": asked["agent_id"], "url": self.url, "timestamp": ts,
+                         "signature_v2_hex": self.identity.sign(v2_string(
+                             "challenge", asked["nonce"], asked["agent_id"], asked["from_agent_id"], self.url, ts))}
+        if method == "GET" and path == "/.well-known/darkmatter.json" and self.document is not None:
+            return 200, self.document
+        return 404, {"error": "Not found", "code": "not_found"}
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import json
+
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip() or 0)
+            body = await asyncio.wait_for(reader.readexactly(min(length, 1 << 20)), 5) if length else b""
+            self.requests.append((method, path))
+            status, answer = self.answer(method, path, body)
+            data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n" % (status, len(data)) + data)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
 class ChannelListener:
     """Records a node's channel notifications (docs/protocol.md §12.5) for an SDK client:
     ``mcp.Client(..., extensions=[listener.extension()])``, then ``await listener.next()``.

@@ -315,7 +315,7 @@ async def test_peer_lookup_answers_pointing_at_an_impostor_are_ignored(tmp_path)
             assert await wait_for(lambda: imp.requests, 15), "peer_lookup recovery never checked the answer"
             await wait_for(lambda: False, 1.0)
             assert all(srv.paths() == [f"/__darkmatter__/peer_lookup/{b.agent_id}"] for srv in (l0, l1, l2))
-            assert imp.paths() == ["/.well-known/darkmatter.json"]
+            assert imp.paths() == ["/__darkmatter__/challenge"]  # §6.1: asked to prove B's key, and failed
             assert a.connections[b.agent_id]["agent_url"] == b.url
             assert any(e["target_agent_id"] == b.agent_id for e in a.state["outbox"])
 

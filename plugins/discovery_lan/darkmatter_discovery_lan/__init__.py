@@ -19,8 +19,8 @@ import socket
 import time
 from typing import Any, Callable
 
-from darkmatter.api import (FRESH_SECONDS, MAX_ID, PROTOCOL_VERSION, ConfigError, hookimpl, is_self_certifying,
-                            v2_beacon, verify)
+from darkmatter.api import (FRESH_SECONDS, MAX_ID, PROTOCOL_VERSION, ConfigError, ProtocolError, hookimpl,
+                            is_self_certifying, loads_strict, v2_beacon, verify)
 
 __version__ = "0.3.0"
 
@@ -85,8 +85,8 @@ def entry_from_beacon(node, data: bytes, source_ip: str, *, now: float | None = 
     if len(data) > MAX_DATAGRAM:
         return _drop(source_ip, "larger than 2048 bytes")
     try:
-        beacon = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        beacon = loads_strict(data)
+    except ProtocolError:
         return _drop(source_ip, "not JSON")
     if not isinstance(beacon, dict) or beacon.get("proto") != "darkmatter":
         return _drop(source_ip, "not a DarkMatter beacon")

@@ -15,7 +15,7 @@ import pytest
 
 from darkmatter.api import Identity, v2_beacon, verify
 from darkmatter.api import active_plugins
-from darkmatter.testing import make_node
+from darkmatter.testing import PeerServer, make_node
 from darkmatter_discovery_lan import LanBeacon, build_beacon, encode
 
 BEACON_FIELDS = {"proto", "v", "agent_id", "display_name", "public_key_hex", "bio", "port", "status", "genesis",
@@ -32,7 +32,8 @@ def lan_node(tmp_path, udp_port: int, name: str = "n", **env):
     settings = {"DARKMATTER_DISCOVERY": "true", "DARKMATTER_LAN_PORT": str(udp_port),
                 "DARKMATTER_LAN_INTERFACE": "127.0.0.1", "DARKMATTER_LAN_BEACON_INTERVAL": "0.2"}
     settings.update(env)
-    return make_node(tmp_path / name, plugins="discovery_lan", **settings)
+    # http_transport: a signed beacon's URL is recorded once the peer proved its key there (§6.1)
+    return make_node(tmp_path / name, plugins="http_transport,discovery_lan", **settings)
 
 
 def lan_source(node) -> LanBeacon:
@@ -95,10 +96,11 @@ async def test_signed_beacon_is_recorded_with_sender_address(tmp_path):
     async with lan_node(tmp_path, port) as node:
         await wait_listening(node)
         peer = Identity.generate()
-        send(port, signed_beacon(peer, port=8123, bio="b" * 100))
-        assert await wait_for(lambda: peer.public_key_hex in node.discovered)
+        async with PeerServer(peer) as server:
+            send(port, signed_beacon(peer, port=server.port, bio="b" * 100))
+            assert await wait_for(lambda: peer.public_key_hex in node.discovered)
         entry = node.discovered[peer.public_key_hex]
-        assert entry["url"] == "http://127.0.0.1:8123"
+        assert entry["url"] == server.url
         assert entry["source"] == "lan" and entry["verified"] is True
         assert entry["public_key_hex"] == peer.public_key_hex
         assert entry["protocol_version"] == "0.3" and entry["accepting"] is True and entry["genesis"] is False
@@ -123,8 +125,9 @@ async def test_forged_beacon_records_nothing(tmp_path):
             send(port, payload)
         # A genuine beacon sent afterwards proves the listener read the forged ones first.
         control = Identity.generate()
-        send(port, signed_beacon(control))
-        assert await wait_for(lambda: control.public_key_hex in node.discovered)
+        async with PeerServer(control) as server:
+            send(port, signed_beacon(control, port=server.port))
+            assert await wait_for(lambda: control.public_key_hex in node.discovered)
         await anyio.sleep(0.3)
         assert victim.public_key_hex not in node.discovered
         assert set(node.discovered) == {control.public_key_hex}
@@ -151,8 +154,9 @@ async def test_ignored_datagrams(tmp_path):
         own = build_beacon(node)
         send(port, encode(own))                                               # its own id
         control = Identity.generate()
-        send(port, signed_beacon(control))
-        assert await wait_for(lambda: control.public_key_hex in node.discovered)
+        async with PeerServer(control) as server:
+            send(port, signed_beacon(control, port=server.port))
+            assert await wait_for(lambda: control.public_key_hex in node.discovered)
         await anyio.sleep(0.3)
         assert set(node.discovered) == {control.public_key_hex}
 
@@ -254,8 +258,9 @@ async def test_lan_entries_are_pruned(tmp_path):
     async with lan_node(tmp_path, port, DARKMATTER_DISCOVERY_PRUNE_SECONDS="0.5") as node:
         await wait_listening(node)
         peer = Identity.generate()
-        send(port, signed_beacon(peer))
-        assert await wait_for(lambda: peer.public_key_hex in node.discovered)
+        async with PeerServer(peer) as server:
+            send(port, signed_beacon(peer, port=server.port))
+            assert await wait_for(lambda: peer.public_key_hex in node.discovered)
         assert await wait_for(lambda: peer.public_key_hex not in node.discovered, timeout=5)
 
 
@@ -265,12 +270,14 @@ async def test_a_fresh_local_entry_beats_a_lan_beacon(tmp_path):
     async with lan_node(tmp_path, port) as node:
         await wait_listening(node)
         peer, control = Identity.generate(), Identity.generate()
-        # The kernel's table already holds this peer from the local scan (another source).
-        node.record_discovered({"agent_id": peer.public_key_hex, "url": "http://127.0.0.1:8150",
-                                "public_key_hex": peer.public_key_hex, "source": "local"})
-        send(port, signed_beacon(peer, port=8150))
-        send(port, signed_beacon(control))
-        assert await wait_for(lambda: control.public_key_hex in node.discovered)
+        async with PeerServer(peer) as server, PeerServer(control) as control_server:
+            # The kernel's table already holds this peer from the local scan (another source).
+            node.record_discovered({"agent_id": peer.public_key_hex, "url": server.url,
+                                    "public_key_hex": peer.public_key_hex, "source": "local"})
+            assert await wait_for(lambda: peer.public_key_hex in node.discovered)
+            send(port, signed_beacon(peer, port=server.port))
+            send(port, signed_beacon(control, port=control_server.port))
+            assert await wait_for(lambda: control.public_key_hex in node.discovered)
         await anyio.sleep(0.2)
         assert node.discovered[peer.public_key_hex]["source"] == "local"
         assert lan_source(node).received_count >= 2  # the peer's beacon was read and valid, yet not recorded

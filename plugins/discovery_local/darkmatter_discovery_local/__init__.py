@@ -103,6 +103,7 @@ class LocalScan:
         for entry in entries:
             if entry is not None:
                 found(entry)
+        await node.discovery_settled()  # a new peer's URL is recorded once it proved its key (§6.1)
         node.prune_discovered(self.prune_age)
         self.scans += 1
 

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from darkmatter.api import Config, ConfigError
-from darkmatter.api import Identity
+from darkmatter.api import Identity, now_iso, v2_string
 from darkmatter.api import active_plugins
 from darkmatter.testing import make_node
 from darkmatter.api import Session
@@ -41,6 +41,8 @@ class Peer:
             if b" /.well-known/darkmatter.json " in request.split(b"\r\n", 1)[0]:
                 self.hits += 1
                 status, body = self.status, self.body
+            elif b"POST /__darkmatter__/challenge " in request.split(b"\r\n", 1)[0]:
+                status, body = await self._challenge(reader, request)
             else:
                 status, body = 404, b'{"error": "not found"}'
             writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -50,6 +52,24 @@ class Peer:
             pass
         finally:
             writer.close()
+
+    async def _challenge(self, reader: asyncio.StreamReader, head: bytes) -> tuple[int, bytes]:
+        """Prove the key of the identity this peer's document names (§6.1), as the real node would."""
+        length = int(next((line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), b"0"))
+        asked = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+        try:
+            shown = json.loads(self.body).get("agent_id")
+        except (ValueError, AttributeError):
+            shown = None
+        identity = KEYS.get(asked.get("agent_id"))
+        if identity is None or shown != asked["agent_id"]:
+            return 404, b'{"error": "unknown agent", "code": "unknown_agent"}'
+        url, ts = f"http://127.0.0.1:{self.port}", now_iso()
+        signature = identity.sign(v2_string("challenge", asked["nonce"], asked["agent_id"], asked["from_agent_id"],
+                                            url, ts))
+        return 200, json.dumps({"agent_id": asked["agent_id"], "url": url, "timestamp": ts,
+                                "signature_v2_hex": signature}).encode()
 
     async def __aenter__(self) -> Peer:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -61,7 +81,11 @@ class Peer:
         await self.server.wait_closed()
 
 
+KEYS: dict[str, Identity] = {}  # the identities the documents below name, so a Peer can prove them
+
+
 def document(identity: Identity, **fields) -> dict:
+    KEYS[identity.public_key_hex] = identity
     doc = {"darkmatter": True, "protocol_version": "0.3", "agent_id": identity.public_key_hex,
            "display_name": "peer", "public_key_hex": identity.public_key_hex, "bio": "hello",
            "status": "active", "accepting_connections": True, "is_genesis": False,

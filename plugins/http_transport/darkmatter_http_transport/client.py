@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from darkmatter.api import LARGE, Blocked, Reply, classify
+from darkmatter.api import LARGE, Blocked, ProtocolError, Reply, classify, loads_strict
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,11 @@ class Net:
         except (httpx.TransportError, httpx.StreamError) as exc:
             return Reply(None, error=f"{type(exc).__name__}: {_short(exc)}", error_kind="reset")
         elapsed = (time.monotonic() - started) * 1000
+        # §2.1: a peer's answer goes through the same strict parser as a request body (no NaN, no lone
+        # surrogates, bounded depth); an answer that fails it is a failed call, never an exception here.
         try:
-            parsed = json.loads(body.decode("utf-8")) if body else None
-        except (UnicodeDecodeError, ValueError):
+            parsed = loads_strict(body) if body else None
+        except ProtocolError:
             parsed = None
         retry_after = None
         if "retry-after" in response.headers:
