@@ -1,0 +1,185 @@
+"""Trust holes of issue 14 (docs/protocol.md revision 2): one black-box case per property, each failing on the
+code before the fix. Real nodes (loopback HTTP, or the memory transport where the transport does not
+matter), real MCP clients and real subprocesses; evil peers are hand-driven servers and ``RawPeer`` keys.
+
+The README of this directory maps every case to its rule.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from dm_acceptance import Answer, CaptureServer, free_port, wait_for, well_known_doc
+
+from darkmatter.identity import Identity, v2_string
+from darkmatter.mesh import outbound as actions
+from darkmatter.testing import PeerServer, RawPeer, connect, make_node, node_context
+from darkmatter.tools import Session
+from darkmatter.wire import new_message_id, now_iso
+
+pytestmark = pytest.mark.anyio
+
+MSG = "/__darkmatter__/message"
+DEEP = b"[" * 60000  # a peer's reply nested far deeper than any parser's recursion limit
+
+
+def lookup_answer(agent_id: str, url: str) -> dict:
+    return {"agent_id": agent_id, "url": url, "status": "connected"}
+
+
+async def lose_url(a, b) -> str:
+    """A's stored URL for B points nowhere (B moved and its peer_update was lost): the next send to B fails
+    with a connect error and A runs peer_lookup recovery (§6.2)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    a.connections[b.agent_id]["agent_url"] = dead
+    return dead
+
+
+# --- 2. proof of possession before a learned URL is used (§6.1) -----------------------------------------
+
+
+async def test_a_copy_of_the_well_known_document_no_longer_wins_peer_lookup(tmp_path):
+    """§6.1, §6.2: three connections name an impostor that serves a byte-exact copy of B's well-known document
+    (B's real key); one names B's real URL. Only the real URL signs A's nonce, so A adopts it and B gets the
+    message; the impostor is asked the challenge and never sees the message."""
+    async with node_context(tmp_path / "a") as a, node_context(tmp_path / "b") as b:
+        await connect(a, b)
+        forged = Identity.generate()
+
+        def impostor_answer(req):
+            if req.path == "/.well-known/darkmatter.json":
+                return Answer(body=well_known_doc(b.agent_id, b.public_key_hex, imp.url))
+            if req.path == "/__darkmatter__/challenge":  # it cannot sign with B's key: it signs with its own
+                asked, ts = req.json(), now_iso()
+                return Answer(body={"agent_id": b.agent_id, "url": imp.url, "timestamp": ts, "signature_v2_hex":
+                                    forged.sign(v2_string("challenge", asked["nonce"], b.agent_id, a.agent_id,
+                                                          imp.url, ts))})
+            return Answer()
+
+        async with CaptureServer(impostor_answer) as imp:
+            liars = [CaptureServer(lambda req: Answer(body=lookup_answer(b.agent_id, imp.url))) for _ in range(3)]
+            honest = CaptureServer(lambda req: Answer(body=lookup_answer(b.agent_id, b.base_url)))
+            async with liars[0] as l0, liars[1] as l1, liars[2] as l2, honest as h:
+                for server in (l0, l1, l2, h):
+                    await RawPeer(server.url).connect(a)
+                await lose_url(a, b)
+                sent = await actions.send_message(a, "for B only", b.agent_id)
+                assert await wait_for(lambda: any(m["message_id"] == sent["message_id"] for m in b.state["inbox"]),
+                                      20), "B never got the message after recovery"
+                assert a.connections[b.agent_id]["agent_url"] == b.base_url
+                assert "/__darkmatter__/challenge" in imp.paths("POST")
+                assert MSG not in imp.paths(), "the impostor received a message meant for B"
+
+
+async def test_a_discovered_url_is_recorded_only_once_it_proved_the_key(tmp_path):
+    """§6.1, §8.1: a port serving a copy of a real node's well-known document is not recorded as that node;
+    the node's own port, which signs the nonce, is."""
+    async with node_context(tmp_path / "b") as b:
+        doc = well_known_doc(b.agent_id, b.public_key_hex, b.base_url)
+        async with PeerServer(None, doc) as impostor:
+            scanner = make_node(tmp_path / "scanner", plugins="http_transport,discovery_local",
+                                DARKMATTER_DISCOVERY="true", DARKMATTER_DISCOVERY_INTERVAL="3600",
+                                DARKMATTER_DISCOVERY_PORTS=f"{impostor.port},{b.port}")
+            async with scanner:
+                result = await scanner.tools["darkmatter_discover_local"].handler(scanner, {}, Session())
+                urls = [p["url"] for p in result["peers"] if p["agent_id"] == b.agent_id]
+                assert urls == [b.base_url], result
+                assert ("POST", "/__darkmatter__/challenge") in impostor.requests
+
+
+async def test_a_replayed_lan_beacon_does_not_point_a_peer_elsewhere(tmp_path):
+    """§6.1, §8.2: B's genuine signed beacon, replayed within its 300 s from another address (127.0.0.2, where an
+    impostor serves a copy of B's document on B's port), is fresh and verifies; but that address cannot sign
+    for B, so the listener never records B there. B's own beacon, from B's address, is recorded."""
+    import asyncio
+    import socket
+
+    from darkmatter_discovery_lan import build_beacon, encode
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        udp = sock.getsockname()[1]
+    async with node_context(tmp_path / "b") as b:
+        doc = json.dumps(well_known_doc(b.agent_id, b.public_key_hex, b.base_url)).encode()
+        asked: list[bytes] = []
+
+        async def impostor(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            asked.append(head.split(b" ", 2)[1])
+            status, body = (200, doc) if b" /.well-known/darkmatter.json " in head else (404, b"{}")
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body))
+                         + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(impostor, "127.0.0.2", b.port)
+        try:
+            listener = make_node(tmp_path / "listener", plugins="http_transport,discovery_lan",
+                                 DARKMATTER_DISCOVERY="true", DARKMATTER_LAN_PORT=str(udp),
+                                 DARKMATTER_LAN_INTERFACE="127.0.0.1")
+            async with listener:
+                source = next(s for s in listener.discovery_sources if s.name == "lan")
+                assert await wait_for(lambda: source._listener is not None)
+                beacon = encode(build_beacon(b))
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+                    out.bind(("127.0.0.2", 0))
+                    out.sendto(beacon, ("127.0.0.1", udp))  # the replay, from the impostor's address
+                assert await wait_for(lambda: asked, 10), "the replayed beacon was never looked at"
+                await listener.discovery_settled()
+                assert b.agent_id not in listener.discovered, listener.discovered
+                assert b"/__darkmatter__/challenge" in asked
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+                    out.sendto(beacon, ("127.0.0.1", udp))  # the same beacon from B's own address
+                assert await wait_for(lambda: b.agent_id in listener.discovered, 10)
+                assert listener.discovered[b.agent_id]["url"] == b.base_url
+        finally:
+            server.close()
+
+
+# --- 6. everything a peer sends back is parsed strictly (§2.1) -------------------------------------------
+
+
+async def test_deeply_nested_peer_lookup_answer_does_not_abort_recovery(tmp_path):
+    """§2.1, §6.2: one connection answers peer_lookup with JSON nested 60 000 deep; that answer is a failed
+    call, and the honest answer of another connection still heals the connection."""
+    async with node_context(tmp_path / "a") as a, node_context(tmp_path / "b") as b:
+        await connect(a, b)
+        async with CaptureServer(lambda req: Answer(body=DEEP)) as deep, \
+                CaptureServer(lambda req: Answer(body=lookup_answer(b.agent_id, b.base_url))) as honest:
+            for server in (deep, honest):
+                await RawPeer(server.url).connect(a)
+            await lose_url(a, b)
+            sent = await actions.send_message(a, "still arrives", b.agent_id)
+            assert await wait_for(lambda: any(m["message_id"] == sent["message_id"] for m in b.state["inbox"]), 20)
+            assert deep.paths() == [f"/__darkmatter__/peer_lookup/{b.agent_id}"]
+            assert a.connections[b.agent_id]["agent_url"] == b.base_url
+
+
+async def test_deeply_nested_webhook_answer_does_not_abort_a_forward(tmp_path):
+    """§2.1, §5.3 step 4: the webhook's GET answers nested JSON; the forward goes on with local loop detection
+    and a warning, instead of failing with an internal error."""
+    async with CaptureServer(lambda req: Answer(body=DEEP)) as owner, node_context(tmp_path / "a") as a, \
+            node_context(tmp_path / "c") as c:
+        sender = RawPeer(owner.url)
+        await sender.connect(a)
+        await connect(a, c)
+        mid = new_message_id()
+        reply = await sender.post(a, MSG, sender.message(a, "please forward", message_id=mid))
+        assert reply.status_code == 200, reply.text
+        result = await actions.forward_message(a, mid, c.agent_id)
+        assert result["success"] is True and "warning" in result, result
+        assert await wait_for(lambda: any(m["message_id"] == mid for m in c.state["inbox"]), 10)
+
+
+async def test_deeply_nested_well_known_does_not_abort_a_discovery_scan(tmp_path):
+    """§2.1, §8.1: one scanned port answers nested JSON; the scan still records the real node on another."""
+    async with node_context(tmp_path / "b") as b, CaptureServer(lambda req: Answer(body=DEEP)) as deep:
+        scanner = make_node(tmp_path / "scanner", plugins="http_transport,discovery_local",
+                            DARKMATTER_DISCOVERY="true", DARKMATTER_DISCOVERY_INTERVAL="3600",
+                            DARKMATTER_DISCOVERY_PORTS=f"{deep.port},{b.port}")
+        async with scanner:
+            result = await scanner.tools["darkmatter_discover_local"].handler(scanner, {}, Session())
+            assert [p["agent_id"] for p in result["peers"]] == [b.agent_id]
+            assert deep.paths() == ["/.well-known/darkmatter.json"] * len(deep.paths()) and deep.paths()
