@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 MAX_UPDATES = 200
 MAX_RESPONSES = 50
+MAX_UNVERIFIED_RESPONSES = 10  # §5.6: their own cap, so unverified answers never crowd out a verified one
+MAX_UNVERIFIED_UPDATES = 20  # the same for unsigned (0.2) forwarded/expired updates
 SEEN_MIN_AGE = 600
 SEEN_MAX_AGE = 24 * 3600
 SEEN_MAX = 10000
@@ -554,6 +556,9 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
     presented = optional_key(body, "from_public_key_hex")
     sig2 = optional_sig(body)
     sig1 = optional_sig(body, "signature_hex")
+    # §5.6 step 2: a signature proves who wrote an update, not that they ever held the message.
+    if agent_id not in receipts.route(sent):
+        raise forbidden("Not on this message's route", "not_on_route")
     key = node.key_of(agent_id)
     verified = False
     if presented is not None and key is not None and presented != key:
@@ -577,15 +582,19 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
         if any(r.get("agent_id") == agent_id and h(r.get("response") or "") == digest for r in sent["responses"]):
             return {"success": True, "duplicate": True, "recorded": "response", "verified": verified,
                     "status": status}
-        if len(sent["responses"]) >= MAX_RESPONSES:
-            raise ProtocolError(429, "capacity", "Too many responses for this message")
+        # §5.6 caps: unverified responses have their own small cap, so they never crowd out a verified one
+        cap, label = (MAX_RESPONSES, "verified") if verified else (MAX_UNVERIFIED_RESPONSES, "unverified")
+        if sum(1 for r in sent["responses"] if bool(r.get("verified")) == verified) >= cap:
+            raise ProtocolError(429, "capacity", f"Too many {label} responses for this message")
         after_expiry = status == "expired"
         record = {"agent_id": agent_id, "response": text, "metadata": metadata, "timestamp": now_iso(),
                   "sent_at": timestamp, "verified": verified, "after_expiry": after_expiry}
         sent["responses"].append(record)
         live = [r for r in sent["responses"] if not r.get("after_expiry")]
         sent["response"] = next((r for r in live if r.get("verified")), None) or (live[0] if live else None)
-        if not after_expiry and status == "active":
+        # an unverified response marks the message responded only while no verified one exists
+        if not after_expiry and status == "active" and (verified or not any(
+                r.get("verified") for r in sent["responses"] if r is not record)):
             sent["status"] = "responded"
         conn = node.connections.get(agent_id)
         if conn is not None and verified:
@@ -611,8 +620,9 @@ async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) 
             if same and (update_type == "expired" or u.get("target_agent_id") == target):
                 return {"success": True, "duplicate": True, "recorded": update_type, "verified": verified,
                         "status": status}
-        if len(sent["updates"]) >= MAX_UPDATES:
-            raise ProtocolError(429, "capacity", "Too many updates for this message")
+        cap, label = (MAX_UPDATES, "") if verified else (MAX_UNVERIFIED_UPDATES, "unverified ")
+        if sum(1 for u in sent["updates"] if bool(u.get("verified")) == verified) >= cap:
+            raise ProtocolError(429, "capacity", f"Too many {label}updates for this message")
         record = {"type": update_type, "agent_id": agent_id, "note": note, "timestamp": now_iso(),
                   "sent_at": timestamp, "verified": verified}
         if update_type == "forwarded":

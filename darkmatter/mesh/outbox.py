@@ -211,6 +211,8 @@ class Outbox:
             if "acknowledged" in reply.extra:  # §9.3: fire-and-forget frames to 0.2 peers
                 entry["acknowledged"] = reply.extra["acknowledged"]
             kind = reply.classification
+            if kind == "failed" and not_on_route_yet(entry, reply):
+                kind = "transient"
             if kind == "transient":
                 delay = min(60.0, 2.0 ** (entry["attempts"] - 1)) * random.uniform(0.8, 1.2)
                 if reply.retry_after:
@@ -324,3 +326,13 @@ class Outbox:
             message_id, body["type"], body["agent_id"], body.get("target_agent_id"), ts, text, metadata))
         return body
 
+
+ROUTE_RACE_ATTEMPTS = 4
+
+
+def not_on_route_yet(entry: dict, reply: Reply) -> bool:
+    """A webhook owner answered 403 ``not_on_route`` to our update (docs/protocol.md §5.6): the forwarder's
+    ``forwarded`` update naming us may still be on its way, so the first few attempts count as transient."""
+    return (entry["kind"] in ("response", "webhook_update") and reply.status == 403
+            and isinstance(reply.body, dict) and reply.body.get("code") == "not_on_route"
+            and entry["attempts"] < ROUTE_RACE_ATTEMPTS)

@@ -124,8 +124,10 @@ def _list(value: Any) -> list:
 
 
 def route(sent: dict) -> set[str]:
-    """§5.6 route of a sent message, plus the recipients it was addressed to whose delivery is still in flight
-    (a recipient may surface a message before its 200 reached this node's outbox)."""
+    """§5.6 route of a sent message: the recipients it was addressed to (``routed_to`` and those whose
+    delivery is still in flight: a recipient may surface or answer a message before its 200 reached this
+    node's outbox) plus, recursively, the targets of ``forwarded`` updates from route members. Every webhook
+    update (forwarded, expired, response, receipt) must come from a member."""
     members = set(sent.get("routed_to") or ()) | set(sent.get("deliveries") or {})
     edges = [(u.get("agent_id"), u.get("target_agent_id")) for u in sent.get("updates") or ()
              if u.get("type") == "forwarded" and u.get("target_agent_id")]
@@ -144,8 +146,6 @@ def check(sent: dict, body: dict, agent_id: str) -> str:
     state = body.get("state")
     if state not in STATES:
         raise bad("Field 'state' must be 'surfaced' or 'read'")
-    if agent_id not in route(sent):
-        raise forbidden("Not on this message's route", "not_on_route")
     return state
 
 

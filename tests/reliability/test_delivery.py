@@ -98,10 +98,10 @@ async def test_a_lost_acknowledgement_is_retried_and_the_duplicate_is_idempotent
 
 async def test_repeated_webhook_updates_and_handshakes_are_idempotent(tmp_path):
     async with mesh(tmp_path, 2) as (a, b):
-        mid = (await actions.send_message(a, "q", b.agent_id))["message_id"]
-        path = f"/__darkmatter__/webhook/{mid}"
         responder = RawPeer()
         await responder.connect(a)
+        mid = (await actions.send_message(a, "q"))["message_id"]  # the responder is on the route (§5.6)
+        path = f"/__darkmatter__/webhook/{mid}"
 
         def response(text: str) -> dict:
             ts = now_iso()

@@ -183,3 +183,71 @@ async def test_deeply_nested_well_known_does_not_abort_a_discovery_scan(tmp_path
             result = await scanner.tools["darkmatter_discover_local"].handler(scanner, {}, Session())
             assert [p["agent_id"] for p in result["peers"]] == [b.agent_id]
             assert deep.paths() == ["/.well-known/darkmatter.json"] * len(deep.paths()) and deep.paths()
+
+
+# --- 1. webhook updates only from the message's route (§5.6) ---------------------------------------------
+
+
+def signed_update(signer, mid: str, kind: str, agent_id: str, target: str | None = None,
+                  text: str | None = None) -> dict:
+    from darkmatter.identity import v2_webhook_update
+
+    ts = now_iso()
+    body = {"type": kind, "agent_id": agent_id, "timestamp": ts, "from_public_key_hex": agent_id,
+            "signature_v2_hex": signer.sign(v2_webhook_update(mid, kind, agent_id, target, ts, text, {}))}
+    if target is not None:
+        body["target_agent_id"] = target
+    if kind == "response":
+        body.update(response=text, metadata={})
+    return body
+
+
+async def test_only_agents_on_the_route_can_update_a_webhook(tmp_path):
+    """§5.6: an outsider who learned the message_id, and a connection that never held the message (even with a
+    valid signature), get 403 ``not_on_route`` for every update type, and the message stays active. A 0.2
+    route member's unsigned answers fill only their own cap of 10; the recipient's signed answer still lands,
+    and becomes the answer."""
+    from darkmatter.testing.harness import Harness
+
+    async with Harness(tmp_path, "memory") as dm:
+        a, b, c = await dm.node(), await dm.node(), await dm.node()
+        await dm.connect(b, a)
+        await dm.connect(c, a)
+        legacy = RawPeer(dm.raw_url("legacy"), agent_id=str(uuid.uuid4()))  # a 0.2 node: keyed, signs nothing
+        joined = await dm.post(a, "/__darkmatter__/connection_request", legacy.connection_request(sign=False))
+        assert joined.status == 200 and joined.body["auto_accepted"] is True, joined.body
+        mid = (await actions.send_message(a, "question", b.agent_id))["message_id"]
+        path = f"/__darkmatter__/webhook/{mid}"
+        record = a.state["sent_messages"][mid]
+        made_up = str(uuid.uuid4())
+        forged = {
+            "outsider response": {"type": "response", "agent_id": made_up, "response": "done!", "metadata": {}},
+            "outsider expired": {"type": "expired", "agent_id": made_up, "note": "gone"},
+            "outsider forwarded": {"type": "forwarded", "agent_id": made_up, "target_agent_id": made_up},
+            "signed response from a connection off the route": signed_update(c, mid, "response", c.agent_id,
+                                                                            text="I never got it"),
+            "signed forward from a connection off the route": signed_update(c, mid, "forwarded", c.agent_id,
+                                                                           target=made_up),
+            "unsigned response from a 0.2 connection off the route": {
+                "type": "response", "agent_id": legacy.agent_id, "response": "me neither", "metadata": {}},
+        }
+        for name, body in forged.items():
+            reply = await dm.post(a, path, body)
+            assert reply.status == 403 and reply.body["code"] == "not_on_route", (name, reply.body)
+        assert record["status"] == "active" and record["responses"] == [] and record["updates"] == []
+        assert (await dm.get(a, path)).body["status"] == "active"  # forwarders keep forwarding
+
+        mid = (await actions.send_message(a, "second question"))["message_id"]  # to B, C and the 0.2 peer
+        path = f"/__darkmatter__/webhook/{mid}"
+        record = a.state["sent_messages"][mid]
+        for i in range(10):
+            reply = await dm.post(a, path, {"type": "response", "agent_id": legacy.agent_id,
+                                            "response": f"unsigned {i}", "metadata": {}})
+            assert reply.status == 200 and reply.body["verified"] is False, reply.body
+        eleventh = await dm.post(a, path, {"type": "response", "agent_id": legacy.agent_id, "response": "more",
+                                           "metadata": {}})
+        assert eleventh.status == 429 and eleventh.body["code"] == "capacity"
+        answer = await actions.respond_message(b, mid, "the signed answer")
+        assert answer["delivery"] == "delivered", answer
+        assert record["response"]["response"] == "the signed answer" and record["response"]["verified"] is True
+        assert record["status"] == "responded"

@@ -23,7 +23,9 @@ def stranger() -> RawPeer:
     return RawPeer(agent_id=str(uuid.uuid4()), keyed=False)
 
 
-async def test_forged_responses_are_unverified_and_never_replace_a_verified_one(tmp_path):
+async def test_forged_responses_are_refused_and_never_replace_a_verified_one(tmp_path):
+    """§5.6: an outsider's response is off the route (403 ``not_on_route``), before and after the real answer;
+    claims to be B that B did not sign are refused; only B's answer is recorded."""
     async with mesh(tmp_path, 2) as (a, b):
         mid = (await actions.send_message(a, "question", b.agent_id))["message_id"]
         path = f"/__darkmatter__/webhook/{mid}"
@@ -31,12 +33,13 @@ async def test_forged_responses_are_unverified_and_never_replace_a_verified_one(
         outsider = stranger()
         early = await outsider.post(a, path, {"type": "response", "agent_id": outsider.agent_id,
                                              "response": "forged early", "metadata": {}})
-        assert early.status_code == 200 and early.json()["verified"] is False
+        assert early.status_code == 403 and early.json()["code"] == "not_on_route"
+        assert record["status"] == "active"
         await actions.respond_message(b, mid, "the real answer")
         assert record["response"]["response"] == "the real answer" and record["response"]["verified"] is True
         late = await stranger().post(a, path, {"type": "response", "agent_id": str(uuid.uuid4()),
                                                "response": "forged late", "metadata": {}})
-        assert late.status_code == 200 and late.json()["verified"] is False
+        assert late.status_code == 403 and late.json()["code"] == "not_on_route"
         assert record["response"]["response"] == "the real answer"
         # claiming to be B: unsigned, signed by another key, or with another key presented
         evil = RawPeer()
@@ -58,8 +61,22 @@ async def test_forged_responses_are_unverified_and_never_replace_a_verified_one(
             reply = await evil.post(a, path, body)
             assert reply.status_code == 403, (name, reply.text)
         assert fingerprint(a) == before
-        assert [(r["response"], r["verified"]) for r in record["responses"]] == [
-            ("forged early", False), ("the real answer", True), ("forged late", False)]
+        assert [(r["response"], r["verified"]) for r in record["responses"]] == [("the real answer", True)]
+
+
+def signed_update(signer, mid: str, kind: str, agent_id: str, target: str | None = None, text: str | None = None,
+                  metadata: dict | None = None) -> dict:
+    """A v2-signed webhook update; ``signer`` is a node or a RawPeer's identity."""
+    ts = now_iso()
+    body = {"type": kind, "agent_id": agent_id, "timestamp": ts, "from_public_key_hex": agent_id,
+            "signature_v2_hex": signer.sign(v2_webhook_update(mid, kind, agent_id, target, ts, text, metadata or {}))}
+    if target is not None:
+        body["target_agent_id"] = target
+    if kind == "response":
+        body.update(response=text, metadata=metadata or {})
+    elif text is not None:
+        body["note"] = text
+    return body
 
 
 async def test_outsiders_learn_nothing_but_the_status(tmp_path):
@@ -110,32 +127,50 @@ async def actions_set_impression(node, agent_id: str, text: str) -> None:
 
 
 async def test_update_and_response_counts_are_capped(tmp_path):
-    async with mesh(tmp_path, 2) as (a, b):
-        mid = (await actions.send_message(a, "popular", b.agent_id))["message_id"]
+    """§5.6, §13.2: 200 verified updates and 50 verified responses; unverified (0.2) ones have their own caps
+    (20 updates, 10 responses) and never crowd out a verified one; repeats are duplicates."""
+    async with mesh(tmp_path, 2, DARKMATTER_RATE_LIMITS="off") as (a, b):
+        legacy = RawPeer(agent_id=str(uuid.uuid4()))  # a 0.2 route member: keyed, never signs updates
+        assert (await legacy.connect(a, sign=False))["auto_accepted"] is True
+        mid = (await actions.send_message(a, "popular"))["message_id"]  # to B and the 0.2 peer
         path = f"/__darkmatter__/webhook/{mid}"
         record = a.state["sent_messages"][mid]
+        responders = [RawPeer() for _ in range(51)]
         async with client(a) as http:
-            for i in range(200):
-                body = {"type": "forwarded", "agent_id": str(uuid.uuid4()), "target_agent_id": f"t{i}"}
+            for i in range(20):
+                body = {"type": "forwarded", "agent_id": legacy.agent_id, "target_agent_id": f"old{i}"}
                 assert (await http.post(path, json=body)).status_code == 200
-            # a repeat is a duplicate, not a new record
-            repeat = {"type": "forwarded", "agent_id": record["updates"][0]["agent_id"],
-                      "target_agent_id": record["updates"][0]["target_agent_id"]}
-            assert (await http.post(path, json=repeat)).json()["duplicate"] is True
-            before = fingerprint(a)
-            over = await http.post(path, json={"type": "forwarded", "agent_id": str(uuid.uuid4()),
+            over = await http.post(path, json={"type": "forwarded", "agent_id": legacy.agent_id,
                                                "target_agent_id": "one-too-many"})
             assert over.status_code == 429 and over.json()["code"] == "capacity"
-            for i in range(50):
-                body = {"type": "response", "agent_id": str(uuid.uuid4()), "response": f"r{i}", "metadata": {}}
+            targets = [p.agent_id for p in responders] + [f"t{i}" for i in range(200 - len(responders))]
+            for target in targets:
+                reply = await http.post(path, json=signed_update(b, mid, "forwarded", b.agent_id, target))
+                assert reply.status_code == 200 and reply.json()["verified"] is True, reply.text
+            # a repeat is a duplicate, not a new record
+            repeat = {"type": "forwarded", "agent_id": legacy.agent_id, "target_agent_id": "old0"}
+            assert (await http.post(path, json=repeat)).json()["duplicate"] is True
+            over = await http.post(path, json=signed_update(b, mid, "forwarded", b.agent_id, "one-too-many"))
+            assert over.status_code == 429 and over.json()["code"] == "capacity"
+            for i in range(10):
+                body = {"type": "response", "agent_id": legacy.agent_id, "response": f"old r{i}", "metadata": {}}
                 assert (await http.post(path, json=body)).status_code == 200
-            assert len(record["responses"]) == 50
+            assert record["status"] == "responded"  # an unverified answer from a 0.2 route member, none verified
+            over = await http.post(path, json={"type": "response", "agent_id": legacy.agent_id,
+                                               "response": "11th", "metadata": {}})
+            assert over.status_code == 429 and over.json()["code"] == "capacity"
+            for peer in responders[:50]:
+                reply = await http.post(path, json=signed_update(peer.identity, mid, "response", peer.agent_id,
+                                                                 text=f"answer of {peer.agent_id[:8]}"))
+                assert reply.status_code == 200 and reply.json()["verified"] is True, reply.text
+            assert record["response"]["verified"] is True
             before = fingerprint(a)
-            over = await http.post(path, json={"type": "response", "agent_id": str(uuid.uuid4()),
-                                               "response": "51st", "metadata": {}})
+            peer = responders[50]
+            over = await http.post(path, json=signed_update(peer.identity, mid, "response", peer.agent_id, text="51st"))
             assert over.status_code == 429 and over.json()["code"] == "capacity"
             assert fingerprint(a) == before
-        assert len(record["updates"]) == 200
+        assert len(record["updates"]) == 220
+        assert len(record["responses"]) == 60
 
 
 async def test_oversized_or_malformed_updates_are_refused_without_a_trace(tmp_path):

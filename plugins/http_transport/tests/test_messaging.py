@@ -167,15 +167,15 @@ async def test_message_for_another_recipient_cannot_be_replayed_here(tmp_path):
         assert not b.state["inbox"]
 
 
-async def test_forged_webhook_response_is_unverified_and_never_replaces_a_verified_one(tmp_path):
+async def test_forged_webhook_response_from_off_the_route_is_refused(tmp_path):
     async with mesh(tmp_path, 2) as (a, b):
         mid = (await actions.send_message(a, "question", b.agent_id))["message_id"]
         outsider = RawPeer(agent_id="0c3a4f9e-2b8d-4e71-a6c5-91d0e7b3f284", keyed=False)  # a UUID stranger
         forged = {"type": "response", "agent_id": outsider.agent_id, "response": "forged answer", "metadata": {}}
         response = await outsider.post(a, f"/__darkmatter__/webhook/{mid}", forged)
-        assert response.status_code == 200 and response.json()["verified"] is False
+        assert response.status_code == 403 and response.json()["code"] == "not_on_route"  # §5.6
         record = a.state["sent_messages"][mid]
-        assert record["response"]["response"] == "forged answer"
+        assert record["response"] is None and record["status"] == "active"
         await actions.respond_message(b, mid, "real answer")
         assert record["response"]["response"] == "real answer" and record["response"]["verified"] is True
         # a forged update claiming to be B (self-certifying) without B's signature is refused
@@ -188,7 +188,7 @@ async def test_forged_webhook_response_is_unverified_and_never_replaces_a_verifi
                                                                           "impostor", {}))}
         assert (await evil.post(a, f"/__darkmatter__/webhook/{mid}", wrong)).status_code == 403
         assert record["response"]["response"] == "real answer"
-        assert [r["verified"] for r in record["responses"]] == [False, True]
+        assert [r["verified"] for r in record["responses"]] == [True]
 
 
 async def test_broadcast_reaches_every_connection(tmp_path):
@@ -224,9 +224,15 @@ async def test_a_02_peer_with_a_key_talks_v1_and_its_unsigned_updates_are_record
         assert b.state["inbox"][-1]["verified"] is True and b.state["inbox"][-1]["signature_version"] == 1
         # a 0.2 forwarder reports a forward without signing it
         mid = (await actions.send_message(a, "q", b.agent_id))["message_id"]
+        ts = now_iso()  # B forwarded it to the 0.2 peer (B's signed update puts it on the route, §5.6)
+        by_b = {"type": "forwarded", "agent_id": b.agent_id, "target_agent_id": legacy.agent_id, "note": None,
+                "timestamp": ts, "from_public_key_hex": b.public_key_hex,
+                "signature_v2_hex": b.sign(v2_webhook_update(mid, "forwarded", b.agent_id, legacy.agent_id, ts,
+                                                             None, {}))}
+        assert (await legacy.post(a, f"/__darkmatter__/webhook/{mid}", by_b)).status_code == 200
         update = {"type": "forwarded", "agent_id": legacy.agent_id, "target_agent_id": "someone", "note": None}
         reply = await legacy.post(a, f"/__darkmatter__/webhook/{mid}", update)
         assert reply.json() == {"success": True, "recorded": "forwarded", "verified": False, "status": "active"}
         again = await legacy.post(a, f"/__darkmatter__/webhook/{mid}", update)
         assert again.json()["duplicate"] is True
-        assert len(a.state["sent_messages"][mid]["updates"]) == 1
+        assert len(a.state["sent_messages"][mid]["updates"]) == 2
