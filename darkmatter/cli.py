@@ -208,6 +208,50 @@ def status(port: int | None, as_json: bool) -> None:
             click.echo(f"{key}: {body[key]}")
 
 
+@cli.group()
+def identity() -> None:
+    """Back up and restore the agent's identity (its Ed25519 key), on this machine only.
+
+    The private key is never shown by a tool or an HTTP reply (docs/protocol.md §12.3); these commands keep it
+    in a private file (mode 0600) instead.
+    """
+
+
+@identity.command("backup")
+@click.option("--state-file", help="State file (DARKMATTER_STATE_FILE, default ~/.darkmatter/state/<port>.json).")
+@click.option("--port", type=int, help="Port whose default state file to use (DARKMATTER_PORT).")
+@click.option("--out", "out", help="Backup file (DARKMATTER_IDENTITY_BACKUP, default beside the state file).")
+def identity_backup(state_file: str | None, port: int | None, out: str | None) -> None:
+    """Write the identity backup file once (0600) and print its path."""
+    from darkmatter.backup import backup_path, identity_of_state, write_backup
+
+    with friendly_errors():
+        config = Config.from_env(os.environ, port=port, state_file=state_file)
+        target = backup_path(config.state_file, {"DARKMATTER_IDENTITY_BACKUP": out} if out else config.env)
+        who = identity_of_state(config.state_file)
+        created = write_backup(target, who)
+    click.echo(f"{'wrote' if created else 'already there:'} {target} (agent {who.public_key_hex}; mode 0600, "
+               "keep a copy somewhere safe)")
+
+
+@identity.command("restore")
+@click.argument("backup_file")
+@click.option("--state-file", help="State file (DARKMATTER_STATE_FILE, default ~/.darkmatter/state/<port>.json).")
+@click.option("--port", type=int, help="Port whose default state file to use (DARKMATTER_PORT).")
+@click.option("--replace", is_flag=True, help="Replace a state file of another agent (a copy of it is kept).")
+def identity_restore(backup_file: str, state_file: str | None, port: int | None, replace: bool) -> None:
+    """Make the state file hold the identity in BACKUP_FILE (stop the node first)."""
+    from darkmatter.backup import restore
+
+    with friendly_errors():
+        config = Config.from_env(os.environ, port=port, state_file=state_file)
+        try:
+            message = restore(config.state_file, backup_file, replace=replace)
+        except FileNotFoundError:
+            _fail(f"no identity backup at {backup_file}", EXIT_FAILURE)
+    click.echo(message)
+
+
 def _add_node_commands() -> None:
     from darkmatter.commands import add_commands
 

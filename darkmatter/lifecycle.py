@@ -43,17 +43,19 @@ def load_state(node: Node, storage: Storage) -> dict:
 def read_token(node: Node) -> str:
     """The bearer token of ``/mcp`` for non-loopback clients (§12.3), kept 0600 beside the state file."""
     path = Path(str(node.config.state_file).removesuffix(".json") + ".token")
-    try:
-        token = path.read_text().strip()
-        if len(token) == 64:
-            if path.stat().st_mode & 0o077:
-                os.chmod(path, 0o600)
-            return token
+    try:  # never through a symlink planted at the path (O_NOFOLLOW: ELOOP)
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "r") as f:
+            token = f.read(256).strip()
+            if len(token) == 64:
+                if os.fstat(f.fileno()).st_mode & 0o077:
+                    os.fchmod(f.fileno(), 0o600)
+                return token
     except FileNotFoundError:
         pass
     token = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(token + "\n")
     return token
 
@@ -80,7 +82,11 @@ async def start(node: Node, *, serve: bool = True) -> None:
             node.port = node.socket.getsockname()[1]
         apply_overrides(node.state, port=node.port, display_name=node.config.display_name,
                         bio=node.config.bio, genesis=node.config.genesis)
-        node.token = await asyncio.to_thread(read_token, node)
+        try:
+            node.token = await asyncio.to_thread(read_token, node)
+        except OSError as exc:
+            raise StartupError(f"Cannot use the MCP token file beside {node.config.state_file}: {exc.strerror} "
+                               "(a symlink there is refused)") from None
         node.persister = Persister(storage, lambda: node.state)
         await node.save()
         node.lock.write_info({"pid": os.getpid(), "port": node.port, "url": node.base_url,

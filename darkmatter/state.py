@@ -235,7 +235,7 @@ class StateLock:
     def acquire(self) -> None:
         try:
             make_private_dir(self.path.parent)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise StateError(f"Cannot create or open the state lock {self.path}: {exc.strerror}. Check that "
                              f"the state directory is writable, or set DARKMATTER_STATE_FILE elsewhere.") from None

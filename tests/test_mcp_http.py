@@ -6,6 +6,8 @@ protocol eras (2025 handshake, 2026 per-request envelope).
 
 from __future__ import annotations
 
+import json
+
 import contextlib
 
 import anyio
@@ -91,16 +93,19 @@ async def test_domain_errors_come_back_as_tool_errors(tmp_path, mode, version):
         assert node.state["bio"] == "I review Python code."
 
 
-async def test_private_key_only_for_local_sessions_and_token_clients(tmp_path):
+async def test_authenticate_never_returns_the_private_key(tmp_path):
+    """§12.3: no session gets the key in a result, local or with the token; it gets the backup file's path."""
     async with node_context(tmp_path) as node:
         async with mcp_client(node) as local:
             result = await local.call_tool("darkmatter_authenticate", {})
-            assert not result.is_error
-            assert result.structured_content["private_key_hex"] == node.state["private_key_hex"]
+            assert not result.is_error and "private_key_hex" not in result.structured_content
+            assert node.state["private_key_hex"] not in json.dumps(result.model_dump())
+            assert result.structured_content["backup_created"] is True
         remote = {"X-Forwarded-For": "203.0.113.7", "Authorization": f"Bearer {node.token}"}
         async with mcp_client(node, headers=remote) as c:
-            refused = await c.call_tool("darkmatter_authenticate", {})
-            assert refused.is_error and "only returned to a local session" in refused.content[0].text
+            again = await c.call_tool("darkmatter_authenticate", {})
+            assert not again.is_error and again.structured_content["backup_created"] is False
+            assert "private_key_hex" not in again.structured_content
             verified = await c.call_tool("darkmatter_authenticate",
                                          {"private_key_hex": node.state["private_key_hex"]})
             assert not verified.is_error and "private_key_hex" not in verified.structured_content

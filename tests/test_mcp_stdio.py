@@ -89,7 +89,8 @@ async def test_stdio_tools_and_list_changed_after_a_mesh_message(tmp_path, mode,
         assert {"darkmatter_status", "darkmatter_send_message", "darkmatter_authenticate"} <= names
         me = await call(c, "darkmatter_get_identity")
         key = await call(c, "darkmatter_authenticate")
-        assert key["private_key_hex"] and key["agent_id"] == me["agent_id"]  # stdio is a local session
+        assert "private_key_hex" not in key and key["agent_id"] == me["agent_id"]  # never in a result (§12.3)
+        assert key["identity_backup"].endswith(".identity-backup.json")
         async with node_context(tmp_path / "peer") as peer:
             await actions.request_connection(peer, me["url"])
             # the notification arrives (a generous bound; its latency is a bench figure: bench --only responsive)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 
 from darkmatter import PROTOCOL_VERSION, __version__, hookimpl
+from darkmatter.backup import BackupError, backup_path, write_backup
 from darkmatter.identity import Identity
 from darkmatter.tools import Tool, ToolError, boolean, string
 from darkmatter.wire import MAX_BIO, MAX_NAME
@@ -14,6 +16,8 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 async def authenticate(node, args: dict, session) -> dict:
+    """§12.3: claim the node. The private key never leaves the node in a result: without arguments the node
+    writes an identity backup file once (0600) and returns its path; with private_key_hex it checks the key."""
     given = args.get("private_key_hex")
     if given is not None:
         given = given.strip()
@@ -25,13 +29,16 @@ async def authenticate(node, args: dict, session) -> dict:
         status = _claim(node)
         return {"authenticated": True, "success": True, "status": status, "agent_id": node.agent_id,
                 "public_key_hex": node.public_key_hex}
-    if not session.local:
-        raise ToolError("The private key is only returned to a local session (stdio or a loopback HTTP client). "
-                        "Pass private_key_hex to verify a key you already hold.")
+    path = backup_path(node.config.state_file, node.config.env)
+    try:
+        created = await asyncio.to_thread(write_backup, path, node.identity)
+    except BackupError as exc:
+        raise ToolError(str(exc)) from None
     status = _claim(node)
     return {"authenticated": True, "success": True, "status": status, "agent_id": node.agent_id,
-            "public_key_hex": node.public_key_hex, "private_key_hex": node.state["private_key_hex"],
-            "warning": "This key is the agent's identity. Keep it secret; never send it to a peer."}
+            "public_key_hex": node.public_key_hex, "identity_backup": str(path), "backup_created": created,
+            "note": "The private key is never shown in a tool result. The backup file (mode 0600) holds it: keep "
+                    "a copy somewhere safe; `darkmatter identity restore <file>` restores it on the command line."}
 
 
 def _claim(node) -> str:
@@ -111,12 +118,14 @@ async def status(node, args: dict, session) -> dict:
 def dm_register_tools(register, node):
     register(Tool(
         name="darkmatter_authenticate", title="Authenticate as this agent",
-        description=("Claim this node as its owner. Without arguments, returns the agent's Ed25519 private key "
-                     "(only to a local session: stdio or a loopback HTTP client). With private_key_hex, "
-                     "verifies that the key is this node's own and fails otherwise."),
+        description=("Claim this node as its owner. Without arguments, writes a backup of the agent's identity "
+                     "to a private file (mode 0600, once) and returns its path: the private key itself is never "
+                     "returned. With private_key_hex, verifies that the key is this node's own and fails "
+                     "otherwise."),
         handler=authenticate,
         properties={"private_key_hex": string("A private key (64 hex characters) to verify against this node's "
-                                              "identity. Omit to receive the key.", min_length=64, max_length=64)},
+                                              "identity. Omit to write the identity backup file.",
+                                              min_length=64, max_length=64)},
         read_only=False, destructive=False, idempotent=True, open_world=False))
     register(Tool(
         name="darkmatter_get_identity", title="Get this agent's identity",

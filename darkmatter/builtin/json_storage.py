@@ -34,6 +34,7 @@ class JsonFileStorage:
     def _prepare_dir(self) -> None:
         directory = self.path.parent
         make_private_dir(directory)
+        warn_if_shared(directory)
         mode = directory.stat().st_mode & 0o777
         if mode & 0o077 and directory.name == "state" and directory.parent.name == ".darkmatter":
             log.warning("state directory %s had mode %o; tightening to 0700", directory, mode)
@@ -52,7 +53,7 @@ class JsonFileStorage:
         self._prepare_dir()
         self._remove_stale_temps()
         try:
-            raw_bytes = self.path.read_bytes()
+            raw_bytes = _read_nofollow(self.path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -81,7 +82,7 @@ class JsonFileStorage:
         if is_02(raw):
             self._backup_02 = True
         try:
-            journal = self.journal_path.read_bytes()
+            journal = _read_nofollow(self.journal_path)
         except FileNotFoundError:
             journal = b""
         if journal:
@@ -108,7 +109,7 @@ class JsonFileStorage:
         else:
             log.warning("journal %s ends with %d byte(s) of a torn record (a crash mid-write); dropping them",
                         self.journal_path, len(dropped))
-        fd = os.open(self.journal_path, os.O_WRONLY)
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             os.ftruncate(fd, good)
             if good and not journal[:good].endswith(b"\n"):
@@ -125,7 +126,7 @@ class JsonFileStorage:
                 _write_private(backup, self.path.read_bytes())
             self._backup_02 = False
         tmp = directory / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -145,7 +146,7 @@ class JsonFileStorage:
             os.close(dfd)
         # The snapshot now holds every journal record (its journal_seq says so): start a new journal.
         if self.journal_path.exists():
-            fd = os.open(self.journal_path, os.O_WRONLY | os.O_TRUNC)
+            fd = os.open(self.journal_path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
@@ -154,7 +155,7 @@ class JsonFileStorage:
     def _append(self, records: bytes) -> None:
         """Append every byte or none: a short write (disk full) is rolled back before the error rises,
         so a record is never acknowledged half-written and later appends never continue a torn line."""
-        fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
             start = os.fstat(fd).st_size
             try:
@@ -185,12 +186,35 @@ class JsonFileStorage:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write a copy of state bytes (it holds the private key): 0600 from the first byte, fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         os.fchmod(f.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def warn_if_shared(directory: Path) -> bool:
+    """Log a warning when the state directory is shared with other users (world- or group-writable, such as
+    /tmp, or owned by someone else): they could plant or swap files there. Returns whether it is shared."""
+    try:
+        info = directory.stat()
+    except OSError:
+        return False
+    shared = bool(info.st_mode & 0o022) or info.st_uid != os.geteuid()
+    if shared:
+        log.warning("the state directory %s is shared with other users (mode %o, owner uid %d): anyone who can "
+                    "write there can tamper with this node's files; set DARKMATTER_STATE_FILE to a path in a "
+                    "private directory", directory, info.st_mode & 0o7777, info.st_uid)
+    return shared
+
+
+def _read_nofollow(path: Path) -> bytes:
+    """Read a state file without following a symlink planted at its path (another user's link in a shared
+    directory must not make the node read, then rewrite, a file of the attacker's choosing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def _alive(pid: int) -> bool:

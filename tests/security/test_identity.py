@@ -5,6 +5,7 @@ except to its own local session."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import stat
 import uuid
 
@@ -190,15 +191,18 @@ async def test_the_private_key_is_in_no_http_or_mcp_answer_and_no_log_line(tmp_p
                     result = await c.call_tool(tool.name, {})
                     answers.append(json.dumps([b.model_dump() for b in result.content]))
             result = await c.call_tool("darkmatter_authenticate", {})
-            assert result.is_error
             answers.append(json.dumps([b.model_dump() for b in result.content]))
-        for text in answers:
-            assert private not in text.lower()
-        # a local session may fetch it (§12.3) — and even then it is not logged
+        # not even a local session gets it (§12.3): it gets the path of the 0600 backup file instead
         http3 = httpx2.AsyncClient(trust_env=False, timeout=httpx2.Timeout(30.0))
         async with Client(streamable_http_client(proc.url + "/mcp", http_client=http3)) as c:
             local = await c.call_tool("darkmatter_authenticate", {})
-            assert local.structured_content["private_key_hex"] == private
+            assert not local.is_error
+            answers.append(json.dumps([b.model_dump() for b in local.content]))
+            backup = Path(local.structured_content["identity_backup"])
+            assert json.loads(backup.read_text())["private_key_hex"] == private
+            assert backup.stat().st_mode & 0o777 == 0o600
+        for text in answers:
+            assert private not in text.lower()
         await proc.stop()
         log = proc.log_text()
         assert "DEBUG" in log, "debug logging was not on"

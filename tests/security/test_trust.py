@@ -251,3 +251,46 @@ async def test_only_agents_on_the_route_can_update_a_webhook(tmp_path):
         assert answer["delivery"] == "delivered", answer
         assert record["response"]["response"] == "the signed answer" and record["response"]["verified"] is True
         assert record["status"] == "responded"
+
+
+# --- 3. the private key never in an MCP result, HTTP response or log (§12.3) -----------------------------
+
+
+def mcp_client(node, headers: dict | None = None):
+    import httpx2
+    from mcp.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    http = httpx2.AsyncClient(trust_env=False, headers=headers or {}, timeout=httpx2.Timeout(30.0, read=60.0))
+    return Client(streamable_http_client(f"http://127.0.0.1:{node.port}/mcp", http_client=http))
+
+
+async def test_authenticate_gives_a_backup_file_never_the_key_and_the_cli_restores_it(tmp_path):
+    """§12.3: a loopback session (as every spawned agent is) calling darkmatter_authenticate gets the path of a
+    0600 backup file and the public key, never the private key; `darkmatter identity restore` brings the same
+    identity back into a new state file, and a node started there is the same agent."""
+    from dm_acceptance import run_cli
+
+    async with node_context(tmp_path / "a") as node:
+        private = node.state["private_key_hex"]
+        async with mcp_client(node) as c:
+            result = await c.call_tool("darkmatter_authenticate", {})
+            assert not result.is_error, result.content
+            assert private not in json.dumps(result.model_dump())
+            backup = result.structured_content["identity_backup"]
+        agent_id = node.agent_id
+    from pathlib import Path
+
+    path = Path(backup)
+    assert path.stat().st_mode & 0o777 == 0o600 and json.loads(path.read_text())["private_key_hex"] == private
+    fresh = tmp_path / "elsewhere" / "state.json"
+    done = run_cli(tmp_path, "identity", "restore", str(path), "--state-file", str(fresh))
+    assert done.returncode == 0, done.stderr
+    assert private not in done.stdout + done.stderr
+    async with node_context(tmp_path / "b", DARKMATTER_STATE_FILE=str(fresh)) as restored:
+        assert restored.agent_id == agent_id
+    other = tmp_path / "other.json"
+    async with node_context(tmp_path / "c", DARKMATTER_STATE_FILE=str(other)):
+        pass
+    refused = run_cli(tmp_path, "identity", "restore", str(path), "--state-file", str(other))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "--replace" in refused.stderr
