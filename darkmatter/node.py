@@ -201,8 +201,8 @@ class Node:
         """§7.3: the node's bind address, or its own URL's host, is loopback or private."""
         if not self.bind_is_wildcard and (literal_class(self.config.host) == "local" or self.bind_is_loopback):
             return True
-        if self.bind_is_wildcard and not self.config.public_url:
-            return True  # a LAN node without a public URL advertises its LAN address
+        # NOTE: a wildcard bind is local only while the URL it advertises is: once the address loop (or the IP
+        # lookup) gave it a public URL, it faces the internet and must not reach private targets it does not know.
         return literal_class(host_of(self.base_url)) == "local" or host_of(self.base_url) == "localhost"
 
     def known_origin(self, url: str) -> bool:

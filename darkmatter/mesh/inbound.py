@@ -84,7 +84,11 @@ def self_certifying_rules(agent_id: str, key: str | None, signature: str | None)
 
 
 def rate_key(caller: Caller, claimed: Any) -> tuple[str, float]:
-    """§13.1: loopback sources are keyed by the claimed agent id, else get ten times the capacity."""
+    """§13.1: loopback sources are keyed by the claimed agent id, else get ten times the capacity. §2.1: a
+    proxied request is keyed by the client a trusted proxy names, else shares one bucket with every other
+    proxied request (a claimed id or header is no key: anyone can mint them)."""
+    if caller.proxied:
+        return ("ip:" + caller.forwarded_for, 1.0) if caller.forwarded_for else ("proxied", 1.0)
     if caller.is_loopback:
         if isinstance(claimed, str) and claimed:
             return "id:" + claimed[:128], 1.0

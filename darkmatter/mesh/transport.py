@@ -13,6 +13,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 from darkmatter.wire import is_loopback_host
 
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 SMALL = 64 * 1024  # the read cap of control answers (webhooks, lookups, documents)
 LARGE = 1024 * 1024  # the read cap of everything else (docs/protocol.md §13.3)
 
@@ -38,10 +39,18 @@ class Caller:
     scheme: str = "http"
     headers: Mapping[str, str] = field(default_factory=dict)
     transport: str = "http"
+    forwarded_for: str | None = None  # the client a trusted proxy named (DARKMATTER_TRUSTED_PROXIES), if any
+
+    @property
+    def proxied(self) -> bool:
+        """§2.1: the request carries ``Forwarded``, ``X-Forwarded-For`` or ``X-Real-IP``: it came through a proxy."""
+        return any(name in self.headers for name in PROXY_HEADERS)
 
     @property
     def is_loopback(self) -> bool:
-        return is_loopback_host(self.ip) if self.ip else False
+        """A loopback TCP peer that did not come through a proxy (§2.1, §12.3): a same-host reverse proxy's
+        requests are the internet's, not this machine's."""
+        return bool(self.ip) and is_loopback_host(self.ip) and not self.proxied
 
 
 @dataclass

@@ -294,3 +294,77 @@ async def test_authenticate_gives_a_backup_file_never_the_key_and_the_cli_restor
         pass
     refused = run_cli(tmp_path, "identity", "restore", str(path), "--state-file", str(other))
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "--replace" in refused.stderr
+
+
+# --- 7. forwarding headers on mesh routes (§2.1) ---------------------------------------------------------
+
+PROXY = {"X-Forwarded-For": "198.51.100.7"}
+
+
+async def test_a_request_through_a_same_host_proxy_is_not_a_loopback_caller(tmp_path):
+    """§2.1: a mesh request from 127.0.0.1 carrying X-Forwarded-For came through a reverse proxy: network_info
+    hides the peer list from it as from any stranger, and its connection requests share one rate-limit bucket
+    instead of one per claimed id (5 per minute, then 429)."""
+    from darkmatter.testing import client
+
+    async with node_context(tmp_path / "a", DARKMATTER_GENESIS="false") as a, node_context(tmp_path / "b") as b:
+        await connect(a, b)
+        async with client(a) as http:
+            direct = (await http.get("/__darkmatter__/network_info")).json()
+            assert [p["agent_id"] for p in direct["peers"]] == [b.agent_id]  # a loopback caller sees them
+            for header in ({"X-Forwarded-For": "198.51.100.7"}, {"X-Real-IP": "198.51.100.7"},
+                           {"Forwarded": "for=198.51.100.7"}):
+                proxied = await http.get("/__darkmatter__/network_info", headers=header)
+                assert proxied.status_code == 200 and proxied.json()["peers"] == [], header
+            codes = []
+            for _ in range(6):
+                peer = RawPeer()
+                reply = await http.post("/__darkmatter__/connection_request", json=peer.connection_request(),
+                                        headers=PROXY)
+                codes.append(reply.status_code)
+            assert codes == [200] * 5 + [429], codes
+
+
+async def test_a_trusted_proxy_gives_each_client_its_own_bucket(tmp_path):
+    """§2.1: with DARKMATTER_TRUSTED_PROXIES naming the proxy, the client it names is the rate-limit key."""
+    from darkmatter.testing import client
+
+    async with node_context(tmp_path / "a", DARKMATTER_GENESIS="false",
+                            DARKMATTER_TRUSTED_PROXIES="127.0.0.1") as a:
+        async with client(a) as http:
+            codes = {}
+            for who in ("198.51.100.7", "198.51.100.8"):
+                codes[who] = [(await http.post("/__darkmatter__/connection_request",
+                                               json=RawPeer().connection_request(),
+                                               headers={"X-Forwarded-For": f"10.9.9.9, {who}"})).status_code
+                              for _ in range(6)]
+            assert codes == {w: [200] * 5 + [429] for w in codes}, codes
+
+
+# --- 8. a node that advertises a public address is not "local" (§7.3) ------------------------------------
+
+
+async def test_a_wildcard_node_with_a_public_url_does_not_reach_unknown_private_targets(tmp_path):
+    """§6.5, §7.3: a wildcard-bound node (not serving here: nothing listens on 0.0.0.0) whose IP lookup gave it
+    a public URL is not local, so a webhook on a loopback origin it does not know is blocked, and nothing is
+    sent there."""
+    from darkmatter.api import Caller, handle
+
+    async with CaptureServer(lambda req: Answer(body={"ip": "8.8.8.8"})) as lookup, \
+            CaptureServer() as internal:
+        node = make_node(tmp_path / "n", DARKMATTER_HOST="0.0.0.0", DARKMATTER_IP_LOOKUP_URL=lookup.url + "/ip",
+                         DARKMATTER_ADDRESS_INTERVAL="0.05")
+        await node.start(serve=False)
+        try:
+            assert await wait_for(lambda: "8.8.8.8" in node.base_url, 10), node.base_url
+            peer = RawPeer("http://127.0.0.1:9")
+            caller = Caller(ip="192.0.2.10", host="example.net")
+            await handle(node, "connection_request", caller, peer.connection_request())
+            mid = new_message_id()
+            hook = f"{internal.url}/__darkmatter__/webhook/{mid}"
+            await handle(node, "message", caller, peer.message(node, "hi", message_id=mid, webhook=hook))
+            with pytest.raises(Exception, match="Webhook blocked"):
+                await actions.respond_message(node, mid, "internal data")
+            assert internal.requests == []
+        finally:
+            await node.stop()

@@ -11,14 +11,34 @@ from darkmatter.api import (REFUSED_WHEN_INACTIVE, ROUTES, Caller, ProtocolError
                             inactive_check, read_json)
 
 
-def caller_of(request: Request) -> Caller:
+def caller_of(request: Request, trusted: frozenset = frozenset()) -> Caller:
     # The scheme comes from the scope: building request.url just to read it cost a URL parse per request.
-    return Caller(ip=client_ip(request.scope), host=request.headers.get("host", ""),
-                  scheme=request.scope.get("scheme", "http"),
-                  headers={k.lower(): v for k, v in request.headers.items()})
+    ip = client_ip(request.scope)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    return Caller(ip=ip, host=request.headers.get("host", ""), scheme=request.scope.get("scheme", "http"),
+                  headers=headers, forwarded_for=forwarded_client(headers) if ip in trusted else None)
+
+
+def forwarded_client(headers: dict) -> str | None:
+    """The client address a trusted proxy put in ``X-Real-IP``, ``X-Forwarded-For`` (the entry it appended:
+    the last) or ``Forwarded`` (``for=`` of the last element); None when it names none (§2.1)."""
+    value = headers.get("x-real-ip") or (headers.get("x-forwarded-for") or "").split(",")[-1]
+    if not value.strip() and headers.get("forwarded"):
+        last = headers["forwarded"].split(",")[-1]
+        value = next((part.split("=", 1)[1] for part in last.split(";")
+                      if part.strip().lower().startswith("for=")), "")
+    value = value.strip().strip('"')
+    return value[:64] or None
+
+
+def trusted_proxies(node) -> frozenset:
+    raw = node.config.get_str("DARKMATTER_TRUSTED_PROXIES") or ""
+    return frozenset(p.strip() for p in raw.split(",") if p.strip())
 
 
 def build_routes(node) -> list[Route]:
+    trusted = trusted_proxies(node)
+
     def adapter(method: str, op: str, param: str | None):
         refuse_first = op in REFUSED_WHEN_INACTIVE
 
@@ -28,7 +48,7 @@ def build_routes(node) -> list[Route]:
                     inactive_check(node)
                 body = await read_json(request) if method == "POST" else None
                 arg = request.path_params[param] if param else None
-                return JSONResponse(await handle(node, op, caller_of(request), body, arg))
+                return JSONResponse(await handle(node, op, caller_of(request, trusted), body, arg))
             except ProtocolError as exc:
                 return error_response(exc)
         return endpoint
