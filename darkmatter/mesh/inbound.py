@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from darkmatter import PROTOCOL_VERSION
-from darkmatter.mesh import receipts
+from darkmatter.mesh import admission, receipts
 from darkmatter.identity import peer_update_string, v1_string, v2_message, v2_string, v2_webhook_update, verify
 from darkmatter.mesh import healing
 from darkmatter.mesh.connections import (HOPS_CAP, MAX_CONNECTIONS, MAX_PENDING_IN, PENDING_TTL, accept_body,
@@ -156,9 +156,13 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
     decision = node.pm.hook.dm_trust_connection_request(node=node, request=dict(request))
     if decision == "reject":
         raise forbidden("Connection request declined by this agent's policy")
+    evicted = None
+    if decision == "accept" and len(node.connections) >= MAX_CONNECTIONS:
+        evicted = admission.evict_probationary(node, from_id)  # §13.2: no lock-out
     if decision == "accept" and len(node.connections) < MAX_CONNECTIONS:
         conn = new_connection(from_id, from_url, presented, "inbound", bio=bio, display_name=name,
                               self_url=agent_url, version=version)
+        conn["auto_accepted"] = True
         if signed:
             mark_03(conn)
         node.connections[from_id] = conn
@@ -169,7 +173,12 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
         def undo_accept() -> None:
             node.connections.pop(from_id, None)
             node.state["pending_requests"] = old_pending
+            if evicted is not None:
+                node.connections[evicted["agent_id"]] = evicted
         await persist(node, undo_accept)
+        if evicted is not None:
+            node.spawn(admission.say_goodbye(node, evicted), name="evicted-disconnect")
+            await node.emit("dm_on_connection_changed", agent_id=evicted["agent_id"], event="disconnected")
         await node.emit("dm_on_connection_changed", agent_id=from_id, event="connected")
         return accept_body(node, from_id, agent_url)
 
@@ -184,13 +193,22 @@ async def connection_request(node: Node, body: dict, caller: Caller) -> dict:
                 await persist(node, lambda: entry.update(old_entry))
             return {"auto_accepted": False, "request_id": request_id,
                     "message": "Connection request queued. Awaiting agent decision."}
+    gave_way: dict = {}
     if len(pending) >= MAX_PENDING_IN:
-        raise ProtocolError(429, "capacity", "Too many pending requests")
+        before = dict(pending)
+        dropped = admission.make_room_for_request(node)  # §13.2: the oldest unvouched stranger gives way
+        if dropped is None:
+            raise ProtocolError(429, "capacity", "Too many pending requests")
+        gave_way = {dropped: before[dropped]}
     request_id = new_request_id()
     pending[request_id] = {**request, "request_id": request_id, "request_host": caller.host,
                            "request_scheme": caller.headers.get("x-forwarded-proto") or caller.scheme,
                            "requested_at": now_iso()}
-    await persist(node, lambda: pending.pop(request_id, None))
+
+    def undo_request() -> None:
+        pending.pop(request_id, None)
+        pending.update(gave_way)
+    await persist(node, undo_request)
     await node.emit("dm_on_connection_changed", agent_id=from_id, event="requested")
     return {"auto_accepted": False, "request_id": request_id,
             "message": "Connection request queued. Awaiting agent decision."}

@@ -368,3 +368,45 @@ async def test_a_wildcard_node_with_a_public_url_does_not_reach_unknown_private_
             assert internal.requests == []
         finally:
             await node.stop()
+
+
+# --- 5. no lock-out (§13.2) -----------------------------------------------------------------------------
+
+
+async def test_a_flood_of_fresh_identities_never_locks_a_real_peer_out(tmp_path):
+    """§13.2: 100 fresh identities fill a genesis node's 50 connections and would fill its 50 pending slots
+    for 7 days; a real peer arriving afterwards still connects (a probationary flood connection gives way,
+    with a signed disconnect), and a peer that already exchanged a message is never the one evicted. On a
+    manual node, the oldest unvouched pending request gives way; a vouched-for one stays. Rate limits are off:
+    they bound how fast a flood arrives (§13.1), not whether it can lock anyone out."""
+    from darkmatter.testing.harness import Harness
+
+    async with Harness(tmp_path, "memory") as dm:
+        genesis = await dm.node(DARKMATTER_RATE_LIMITS="off")
+        friend = await dm.node()
+        await dm.connect(friend, genesis)
+        await actions.send_message(friend, "hello, I am real", genesis.agent_id)
+        assert genesis.connections[friend.agent_id]["messages_received"] == 1
+        flood = [RawPeer(dm.raw_url(f"fake{i}")) for i in range(100)]
+        for fake in flood:
+            reply = await dm.post(genesis, "/__darkmatter__/connection_request", fake.connection_request())
+            assert reply.status == 200, reply.body
+        real = await dm.node()
+        result = await dm.connect(real, genesis)
+        assert result["status"] == "connected", result
+        assert real.agent_id in genesis.connections and friend.agent_id in genesis.connections
+        assert len(genesis.connections) == 50
+        assert any(n["type"] == "evicted" for n in genesis.state["notices"])
+
+        manual = await dm.node(DARKMATTER_GENESIS="false", DARKMATTER_RATE_LIMITS="off")
+        trusted = RawPeer(dm.raw_url("trusted"))
+        await dm.post(manual, "/__darkmatter__/connection_request", trusted.connection_request())
+        manual.state["impressions"][trusted.agent_id] = "a colleague; accept when back"
+        for fake in flood[:60]:
+            reply = await dm.post(manual, "/__darkmatter__/connection_request", fake.connection_request())
+            assert reply.status == 200, reply.body
+        late = RawPeer(dm.raw_url("late"))
+        queued = await dm.post(manual, "/__darkmatter__/connection_request", late.connection_request())
+        assert queued.status == 200 and queued.body["auto_accepted"] is False, queued.body
+        waiting = {e["from_agent_id"] for e in manual.state["pending_requests"].values()}
+        assert {late.agent_id, trusted.agent_id} <= waiting and len(waiting) == 50
