@@ -26,6 +26,10 @@ from darkmatter.mesh.transport import LARGE, SMALL, Blocked, Caller, Reply, Tran
 from darkmatter.node import Node, StartupError
 from darkmatter.plugins import GROUP as PLUGIN_GROUP
 from darkmatter.plugins import active_plugins
+from darkmatter.scope import ENV as SESSION_ENV
+from darkmatter.scope import SPAWNED_AGENT_TOOLS
+from darkmatter.scope import grant as grant_session_scope
+from darkmatter.scope import revoke as revoke_session_scope
 from darkmatter.server import client_ip, error_response, read_body, read_json
 from darkmatter.storage import Storage
 from darkmatter.tools import Session, Tool, ToolError, boolean, integer, string
@@ -66,6 +70,8 @@ __all__ = [
     "literal_class",
     # the control plane for people and other clients on the node's port (docs/protocol.md §12)
     "live_status", "check_control_request",
+    # sessions of agents spawned for one message (docs/protocol.md §12.6)
+    "grant_session_scope", "revoke_session_scope", "SESSION_ENV", "SPAWNED_AGENT_TOOLS",
 ]
 
 

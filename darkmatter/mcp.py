@@ -48,6 +48,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, NoMatchFound
 
 from darkmatter import __version__, channel
+from darkmatter import scope as session_scope
 from darkmatter.tools import Session, Tool, ToolError
 from darkmatter.wire import ProtocolError
 
@@ -307,8 +308,13 @@ class McpServer:
             return _error_result(f"{tool.name} cannot be called: its input schema is invalid (plugin {tool.plugin}).")
         if problem:
             return _error_result(problem)
+        session = self.session_for(ctx)
+        if session.scope is not None:
+            refused = session_scope.refusal(tool, arguments, session.scope)
+            if refused:
+                return _error_result(refused)
         try:
-            result = await tool.handler(self.node, arguments, self.session_for(ctx))
+            result = await tool.handler(self.node, arguments, session)
         except ToolError as exc:
             return _error_result(str(exc) or f"{tool.name} failed")
         except ProtocolError as exc:
@@ -327,7 +333,8 @@ class McpServer:
         if request is None:
             return Session(local=True, transport="stdio")
         state = request.scope.get("state") or {}
-        return Session(local=bool(state.get("darkmatter_local")), transport="http")
+        return Session(local=bool(state.get("darkmatter_local")), transport="http",
+                       scope=state.get("darkmatter_scope"))
 
     # --- sessions and notifications ---------------------------------------------------------
 
@@ -470,7 +477,17 @@ class McpServer:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
+        token = next((v.decode("latin-1") for k, v in scope.get("headers") or []
+                      if k.lower() == session_scope.HEADER.encode()), None)
+        scoped_to = None
+        if token is not None:  # §12.6: a spawned agent's session; a stale token is never a full session
+            scoped_to = session_scope.lookup(self.node, token.strip())
+            if scoped_to is None:
+                await _refusal(401, "unauthorized", "Unknown or expired session token (the agent it was made "
+                                                    "for has ended)")(scope, receive, send)
+                return
         scope.setdefault("state", {})["darkmatter_local"] = local
+        scope["state"]["darkmatter_scope"] = scoped_to
         if self._manager is None:
             await _refusal(503, "unavailable", "The MCP endpoint is not running")(scope, receive, send)
             return

@@ -241,11 +241,14 @@ class Relay:
     ``run()`` returns None when the client closes stdin, or a :class:`Handover` when the node stopped
     answering (its process ended): the caller then takes the node over, or relays to whoever did."""
 
-    def __init__(self, pipes: StdioPipes, port: int, handover: Handover | None = None):
+    def __init__(self, pipes: StdioPipes, port: int, handover: Handover | None = None,
+                 session_token: str | None = None):
         self.pipes = pipes
         self.url = f"http://127.0.0.1:{port}/mcp"
-        self.http = httpx.AsyncClient(trust_env=False, headers={"User-Agent": f"darkmatter-relay/{__version__}"},
-                                      timeout=httpx.Timeout(30.0, read=None))
+        headers = {"User-Agent": f"darkmatter-relay/{__version__}"}
+        if session_token:  # a spawned agent's session, scoped by the node to its message (§12.6)
+            headers["X-DarkMatter-Session"] = session_token
+        self.http = httpx.AsyncClient(trust_env=False, headers=headers, timeout=httpx.Timeout(30.0, read=None))
         self.session_id: str | None = None
         self.version: str | None = None
         self.node_gone = asyncio.Event()

@@ -22,6 +22,7 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import httpx
 
@@ -29,7 +30,7 @@ from darkmatter import banner
 from darkmatter.config import Config, ConfigError
 from darkmatter.node import Node, StartupError
 from darkmatter.plugins import PluginError
-from darkmatter.state import StateError, StateLocked, read_lock_info
+from darkmatter.state import StateError, StateLock, StateLocked, read_lock_info
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,15 @@ async def _run_stdio(config: Config) -> int:
         with _signals(stop):
             handover = None
             released = 0
+            session_token = (config.env.get("DARKMATTER_SESSION_TOKEN") or "").strip() or None
             while True:
                 try:
+                    if session_token:
+                        # §12.6: a session scoped to one message only ever relays to the running node; it
+                        # never loads the state itself (that would make it a full local session).
+                        StateLock(Path(config.state_file)).acquire_or_raise_locked()
+                        raise StartupError("this MCP session is scoped to one message (DARKMATTER_SESSION_TOKEN) "
+                                           "and the node it belongs to is not running")
                     node = await start_node(config)
                 except StateLocked as exc:
                     info = await wait_for_owner(exc)
@@ -195,9 +203,9 @@ async def _run_stdio(config: Config) -> int:
                     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
                     log.info("agent %s already runs on port %s (pid %s); relaying MCP to it",
                              str(info.get("agent_id"))[:12], info["port"], info.get("pid"))
-                    relay = Relay(pipes, int(info["port"]), handover)
+                    relay = Relay(pipes, int(info["port"]), handover, session_token)
                     handover = await _until_stopped(relay.run(), stop)
-                    if handover is None or stop.is_set():
+                    if handover is None or stop.is_set() or session_token:
                         return 0
                     log.warning("the process serving agent %s went away; taking over its node",
                                 str(info.get("agent_id"))[:12])

@@ -246,6 +246,11 @@ class StateLock:
             raise StateLocked(self.path, read_lock_info(self.path)) from None
         self._fd = fd
 
+    def acquire_or_raise_locked(self) -> None:
+        """Raise StateLocked when another process holds the lock; otherwise take it and release it at once."""
+        self.acquire()
+        self.release()
+
     def write_info(self, info: dict) -> None:
         if self._fd is None:
             return

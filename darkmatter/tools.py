@@ -13,10 +13,12 @@ class ToolError(Exception):
 
 @dataclass
 class Session:
-    """Who is calling a tool: ``local`` is true for stdio and loopback HTTP clients (§12.3)."""
+    """Who is calling a tool: ``local`` is true for stdio and loopback HTTP clients (§12.3); ``scope`` names the
+    one message a spawned agent's session may act on (§12.6, ``darkmatter.scope``)."""
 
     local: bool = True
     transport: str = "stdio"
+    scope: str | None = None  # the message a spawned agent's session is limited to (§12.6), or None
 
 
 Handler = Callable[[Any, dict, Session], Awaitable[dict]]

@@ -162,16 +162,24 @@ async def get_message(node, args, session):
 
 async def list_inbox(node, args, session):
     inbox = node.state["inbox"]
+    if session.scope is not None:  # a spawned agent's session sees only its own message (§12.6)
+        inbox = [m for m in inbox if m.get("message_id") == session.scope]
     limit = args.get("limit", 50)
     views = [inbox_view(m) for m in inbox[:limit]]
     for entry in inbox[:limit]:  # listed with its content: surfaced (§5.8)
         receipts.advance(node, entry, "surfaced")
-    return {"total": len(inbox), "unread": len(channel.unread(node)), "messages": views}
+    unread = len(channel.unread(node)) if session.scope is None else sum(1 for m in inbox if m.get("read_at") is None)
+    return {"total": len(inbox), "unread": unread, "messages": views}
 
 
 async def wait_for_message(node, args, session):
     sender = args.get("from_agent_id") or None
-    found = await node.mcp.channel.wait(args.get("timeout_seconds", 60), sender)
+    if session.scope is not None:  # a spawned agent's session: its own message, if still there (§12.6)
+        found = [m for m in node.state["inbox"] if m.get("message_id") == session.scope]
+        for entry in found:
+            receipts.advance(node, entry, "surfaced")
+    else:
+        found = await node.mcp.channel.wait(args.get("timeout_seconds", 60), sender)
     views = []
     for entry in found:
         view = inbox_view(entry)

@@ -410,3 +410,47 @@ async def test_a_flood_of_fresh_identities_never_locks_a_real_peer_out(tmp_path)
         assert queued.status == 200 and queued.body["auto_accepted"] is False, queued.body
         waiting = {e["from_agent_id"] for e in manual.state["pending_requests"].values()}
         assert {late.agent_id, trusted.agent_id} <= waiting and len(waiting) == 50
+
+
+# --- 4. spawned agents scoped to their message (§12.6) ----------------------------------------------------
+
+
+async def test_a_spawned_agent_can_only_handle_its_own_message(tmp_path, monkeypatch):
+    """§12.6: autospawn starts a (stand-in) agent for A's message. Prompt-injected, it tries to authenticate,
+    disconnect its sender, go inactive, broadcast, list the owner's sent messages and read another inbox
+    message: the node refuses each as a tool error, whatever the agent's allowlist says, and its inbox view
+    holds only its own message. Its answer still reaches A."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    standin = Path(__file__).resolve().parents[2] / "plugins" / "autospawn" / "tests" / "standin_agent.py"
+    records = tmp_path / "records"
+    records.mkdir()
+    other_id = "msg-the-owners-private-matter"
+    monkeypatch.setenv("STANDIN_OTHER_MESSAGE", other_id)
+    command = shlex.join([sys.executable, str(standin), "--mode", "overreach", "--record-dir", str(records)])
+    env = {"DARKMATTER_AGENT_ENABLED": "true", "DARKMATTER_AGENT_COMMAND": command,
+           "DARKMATTER_AGENT_ARGS": "--dangerously-skip-permissions"}  # the node's scope holds even so
+    async with node_context(tmp_path / "b", plugins="http_transport,autospawn", **env) as b, \
+            node_context(tmp_path / "a") as a:
+        legacy = RawPeer(agent_id=str(uuid.uuid4()), keyed=False)  # unverified: starts no agent
+        await legacy.connect(b, sign=False)
+        private = legacy.message(b, "the owner's private matter", message_id=other_id)
+        assert (await legacy.post(b, MSG, private)).status_code == 200
+        await connect(a, b)
+        sent = await actions.send_message(a, "please answer", b.agent_id)
+        mid = sent["message_id"]
+        record = a.state["sent_messages"][mid]
+        assert await wait_for(lambda: record["status"] == "responded", 60), "the spawned agent never answered"
+        seen = json.loads(next(records.glob("*.json")).read_text())
+        outcomes = seen["overreach"]
+        assert set(outcomes) == {"authenticate", "disconnect", "set_status", "send_message", "list_messages",
+                                 "get_other_message"}
+        for name, outcome in outcomes.items():
+            assert outcome["is_error"] is True, (name, outcome)
+        assert [m["message_id"] for m in seen["inbox_seen"]["messages"]] == [mid]
+        assert "private matter" not in json.dumps(seen)
+        assert a.agent_id in b.connections and b.state["status"] == "active"
+        assert b.state["private_key_hex"] not in json.dumps(seen)
+        assert len(b.state["sent_messages"]) == 0

@@ -54,7 +54,8 @@ def build(node: Any, message: dict, *, content_max: int) -> str:
     if not peer_lines:
         peer_lines = ["  (none besides the sender)"]
 
-    content = str(message.get("content") or "")
+    # NOTE: a NUL cannot travel in an exec argument (the spawn would fail); show it as U+FFFD instead.
+    content = str(message.get("content") or "").replace("\x00", "\ufffd")
     truncated = len(content) > content_max
     if truncated:
         content = content[:content_max]

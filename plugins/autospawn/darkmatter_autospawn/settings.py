@@ -12,15 +12,17 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from darkmatter.api import Config, ConfigError
+from darkmatter.api import SPAWNED_AGENT_TOOLS, Config, ConfigError
 
 # The MCP server name the spawned agent is given; Claude Code names the tools ``mcp__darkmatter__*``.
 MCP_SERVER_NAME = "darkmatter"
 
 # Default permission arguments for Claude Code (`claude -p`): no built-in tools at all (`--tools ""`:
-# no shell, no file access, no web), and the DarkMatter MCP server's tools allowed without a prompt
-# (`--allowedTools mcp__darkmatter`: the whole server; an unanchored `mcp__*` would match nothing).
-DEFAULT_ARGS = ("--tools", "", "--allowedTools", f"mcp__{MCP_SERVER_NAME}")
+# no shell, no file access, no web), and only the DarkMatter tools a spawned agent needs allowed without a
+# prompt (read its message, answer or forward it, see its connections). The node enforces the same scope
+# itself through the session token (docs/protocol.md §12.6), whatever this list says.
+ALLOWED_TOOLS = ",".join(f"mcp__{MCP_SERVER_NAME}__{name}" for name in SPAWNED_AGENT_TOOLS)
+DEFAULT_ARGS = ("--tools", "", "--allowedTools", ALLOWED_TOOLS)
 
 # Set in every spawned agent's environment: the marker makes a node started inside it refuse to spawn
 # whatever DARKMATTER_AGENT_ENABLED says there (the recursion guard's second lock).
@@ -39,6 +41,8 @@ class Settings:
     timeout: float = 300.0
     kill_grace: float = 5.0
     allow_unverified: bool = False
+    max_per_sender: int = 2
+    max_from_strangers: int = 3
     cwd: Path = field(default_factory=Path.cwd)
     log_dir: Path | None = None
     log_keep: int = 200
@@ -83,6 +87,10 @@ def read(config: Config) -> Settings:
     s.timeout = _positive(config, "DARKMATTER_AGENT_TIMEOUT", 300.0, upper=86400)
     s.kill_grace = _positive(config, "DARKMATTER_AGENT_KILL_GRACE", 5.0, upper=600)
     s.allow_unverified = config.get_bool("DARKMATTER_AGENT_ALLOW_UNVERIFIED", False)
+    s.max_per_sender = config.get_int("DARKMATTER_AGENT_MAX_PER_SENDER", max(1, s.max_per_hour // 3), minimum=1,
+                                      maximum=100000)
+    s.max_from_strangers = config.get_int("DARKMATTER_AGENT_MAX_FROM_STRANGERS", max(1, s.max_per_hour // 2),
+                                          minimum=1, maximum=100000)
     # NOTE: at most 24000 characters, so that the prompt stays one exec argument (Linux caps one argument at
     # 128 KiB, and a character may take 4 bytes).
     s.content_max = config.get_int("DARKMATTER_AGENT_CONTENT_MAX", 8000, minimum=200, maximum=24000)

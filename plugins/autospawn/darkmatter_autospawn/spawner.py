@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from darkmatter.api import SESSION_ENV, grant_session_scope, revoke_session_scope
+
 from darkmatter_autospawn import prompt
 from darkmatter_autospawn.settings import MCP_SERVER_NAME, SPAWNED_MARKER, Settings
 
@@ -53,6 +55,7 @@ class Spawner:
         self.queue: collections.deque[str] = collections.deque()
         self.running: dict[str, Agent] = {}
         self.spawn_times: collections.deque[float] = collections.deque()
+        self.spawn_log: collections.deque[tuple[float, str, bool]] = collections.deque()  # (when, sender, stranger)
         self.history: collections.deque[dict] = collections.deque(maxlen=HISTORY)
         self.closing = False
         self._timer: asyncio.TimerHandle | None = None
@@ -68,6 +71,24 @@ class Spawner:
         if message.get("from_agent_id") not in self.node.connections:
             return "the sender is not a connection"
         return None
+
+    def over_quota(self, sender: str) -> str | None:
+        """Why ``sender`` may not start another agent in this window, or None: one sender may use at most
+        DARKMATTER_AGENT_MAX_PER_SENDER spawns, and connections the owner never approved (auto-accepted by a
+        genesis node) together at most DARKMATTER_AGENT_MAX_FROM_STRANGERS, so a stranger who became a
+        connection cannot spend the owner's whole budget."""
+        s = self.settings
+        self._spawns_in_window()
+        if sum(1 for _, who, _ in self.spawn_log if who == sender) >= s.max_per_sender:
+            return f"this sender already started {s.max_per_sender} agent(s) in the window"
+        if self._stranger(sender) and sum(1 for _, _, stranger in self.spawn_log if stranger) >= s.max_from_strangers:
+            return (f"auto-accepted connections already started {s.max_from_strangers} agent(s) in the window "
+                    "(accept the peer yourself, or raise DARKMATTER_AGENT_MAX_FROM_STRANGERS)")
+        return None
+
+    def _stranger(self, sender: str) -> bool:
+        conn = self.node.connections.get(sender)
+        return conn is None or bool(conn.get("auto_accepted"))
 
     def offer(self, message: dict) -> None:
         """A message was accepted into the inbox: queue it if it may spawn an agent, and pump."""
@@ -104,6 +125,8 @@ class Spawner:
         horizon = time.monotonic() - self.settings.window
         while self.spawn_times and self.spawn_times[0] <= horizon:
             self.spawn_times.popleft()
+        while self.spawn_log and self.spawn_log[0][0] <= horizon:
+            self.spawn_log.popleft()
         return len(self.spawn_times)
 
     def next_slot_in(self) -> float:
@@ -112,10 +135,10 @@ class Spawner:
             return 0.0
         return max(0.0, self.spawn_times[0] + self.settings.window - time.monotonic())
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, delay: float | None = None) -> None:
         if self._timer is not None or self.closing:
             return
-        delay = self.next_slot_in() + 0.05
+        delay = (self.next_slot_in() if delay is None else delay) + 0.05
 
         def fire() -> None:
             self._timer = None
@@ -128,6 +151,7 @@ class Spawner:
         if self.closing:
             return
         inbox = self._inbox()
+        held: list[str] = []  # senders over their quota: their messages wait, in order, for the window to move
         while self.queue and len(self.running) < self.settings.max_concurrent:
             if self._spawns_in_window() >= self.settings.max_per_hour:
                 self._arm_timer()
@@ -140,45 +164,60 @@ class Spawner:
             if refusal is not None:
                 log.info("autospawn: dropping %s from the queue: %s", message_id, refusal)
                 continue
+            sender = str(message.get("from_agent_id"))
+            quota = self.over_quota(sender)
+            if quota is not None:
+                log.info("autospawn: %s waits: %s", message_id, quota)
+                held.append(message_id)
+                continue
             self.spawn_times.append(time.monotonic())
-            agent = Agent(message_id=message_id, sender=str(message.get("from_agent_id")))
+            self.spawn_log.append((time.monotonic(), sender, self._stranger(sender)))
+            agent = Agent(message_id=message_id, sender=sender)
             self.running[message_id] = agent
             agent.task = asyncio.get_running_loop().create_task(
                 self._run(agent, message), name=f"autospawn-{message_id}")
+        if held:
+            self.queue.extendleft(reversed(held))
+            if self.spawn_log:
+                self._arm_timer(max(0.0, self.spawn_log[0][0] + self.settings.window - time.monotonic()))
         self.node.changed()
 
     # --- one agent ----------------------------------------------------------------------------
 
-    def environment(self, message_id: str) -> dict[str, str]:
+    def environment(self, message_id: str, token: str = "") -> dict[str, str]:
         """The agent's environment: ours, the node's DARKMATTER_* settings, and what reaches this node."""
         env = dict(os.environ)
         env.update({k: v for k, v in self.node.config.env.items() if k.startswith("DARKMATTER_")})
-        env.update(self.node_env())
+        env.update(self.node_env(token))
         env[SPAWNED_MARKER] = message_id
         return env
 
-    def node_env(self) -> dict[str, str]:
-        """What a `darkmatter run` started by the agent needs to attach to this node (docs/protocol.md §12.4)."""
-        return {
+    def node_env(self, token: str = "") -> dict[str, str]:
+        """What a `darkmatter run` started by the agent needs to attach to this node (docs/protocol.md §12.4),
+        with the session token that scopes it to its message (§12.6)."""
+        env = {
             "DARKMATTER_AGENT_ENABLED": "false",  # the recursion guard
             "DARKMATTER_STATE_FILE": str(Path(self.node.config.state_file).expanduser().absolute()),
             "DARKMATTER_PORT": str(self.node.port),
             "DARKMATTER_TRANSPORT": "stdio",
             "DARKMATTER_MCP_URL": f"http://127.0.0.1:{self.node.port}/mcp",
         }
+        if token:
+            env[SESSION_ENV] = token
+        return env
 
-    def mcp_config(self) -> str:
+    def mcp_config(self, token: str = "") -> str:
         """``--mcp-config`` JSON naming one stdio server: this node, through the parallel-session relay."""
         server = {"type": "stdio", "command": sys.executable,
-                  "args": ["-m", "darkmatter", "run", "--transport", "stdio"], "env": self.node_env()}
+                  "args": ["-m", "darkmatter", "run", "--transport", "stdio"], "env": self.node_env(token)}
         return json.dumps({"mcpServers": {MCP_SERVER_NAME: server}})
 
-    def argv(self, message: dict) -> list[str]:
+    def argv(self, message: dict, token: str = "") -> list[str]:
         s = self.settings
         text = prompt.build(self.node, message, content_max=s.content_max)
         argv = [*s.command, "-p", text, *s.args]
         if s.mcp_config:
-            argv += ["--mcp-config", self.mcp_config(), "--strict-mcp-config"]
+            argv += ["--mcp-config", self.mcp_config(token), "--strict-mcp-config"]
         return argv
 
     def _open_log(self, agent: Agent) -> IO[bytes]:
@@ -196,7 +235,7 @@ class Spawner:
             except OSError:
                 pass
         agent.log_path = s.log_dir / name
-        handle = open(agent.log_path, "ab")
+        handle = _open_private_log(agent.log_path)
         header = (f"# darkmatter autospawn: message {agent.message_id} from {agent.sender}\n"
                   f"# started {datetime.now(timezone.utc).isoformat()} command {s.command[0]} "
                   f"cwd {s.cwd} timeout {s.timeout:g}s\n")
@@ -208,7 +247,7 @@ class Spawner:
         if agent.log_path is None:
             return
         try:
-            with open(agent.log_path, "ab") as handle:
+            with _open_private_log(agent.log_path) as handle:
                 handle.write(f"\n# {outcome} at {datetime.now(timezone.utc).isoformat()}\n".encode())
         except OSError as exc:
             log.warning("autospawn: cannot finish log %s: %s", agent.log_path, exc)
@@ -237,12 +276,13 @@ class Spawner:
     async def _run(self, agent: Agent, message: dict) -> None:
         s = self.settings
         outcome = "failed to start"
+        token = grant_session_scope(self.node, agent.message_id)  # the node limits the agent to its message
         try:
             handle = await asyncio.to_thread(self._open_log, agent)
             try:
                 agent.process = await asyncio.create_subprocess_exec(
-                    *self.argv(message), stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                    cwd=str(s.cwd), env=self.environment(agent.message_id), start_new_session=True)
+                    *self.argv(message, token), stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                    cwd=str(s.cwd), env=self.environment(agent.message_id, token), start_new_session=True)
             finally:
                 handle.close()  # the child holds its own copy of the descriptor
             log.info("autospawn: started agent pid %s for message %s (log %s)", agent.pid, agent.message_id,
@@ -271,6 +311,7 @@ class Spawner:
             log.exception("autospawn: agent for %s failed", agent.message_id)
             outcome = "failed"
         finally:
+            revoke_session_scope(self.node, token)
             self.running.pop(agent.message_id, None)
             entry = self._inbox().get(agent.message_id)
             answered = entry is None
@@ -336,6 +377,14 @@ class Spawner:
             lines.append(f"Autospawn: the last agent (message {prompt.quoted(last['message_id'], 64)}) "
                          f"{last['outcome']} without answering; log {last['log']}.")
         return lines
+
+
+def _open_private_log(path: Path) -> IO[bytes]:
+    """A per-spawn log for appending: 0600 (it holds peer content and the agent's output), never through a
+    symlink planted at its path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def _duration(seconds: float) -> str:

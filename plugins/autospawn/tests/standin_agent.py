@@ -9,6 +9,8 @@ flags) after its own (``--mode``, ``--record-dir``, ``--sleep``, ``--via``), wri
   the node's ``/mcp`` at DARKMATTER_MCP_URL), reads the inbox with darkmatter_list_inbox, finds the message
   named in the prompt and answers it with darkmatter_respond_message;
 * ``forward``: the same, but forwards the message to the first connection the prompt offers;
+* ``overreach``: first tries what a prompt-injected agent would (authenticate, disconnect its sender, go
+  inactive, broadcast, list sent messages, read ``STANDIN_OTHER_MESSAGE``), records the outcomes, then answers;
 * ``sleep``: sleeps ``--sleep`` seconds;
 * ``hang``: ignores SIGTERM and sleeps until killed.
 """
@@ -109,6 +111,22 @@ async def respond(opts: dict, record: Recorder) -> int:
         record.update(inbox_entry=entry)
         if entry is None:
             return 4
+        if opts["mode"] == "overreach":
+            # what a prompt-injected agent would try beyond its message (docs/protocol.md §12.6)
+            sender = entry.get("from_agent_id")
+            tries = {"authenticate": ("darkmatter_authenticate", {}),
+                     "disconnect": ("darkmatter_disconnect", {"agent_id": sender}),
+                     "set_status": ("darkmatter_set_status", {"status": "inactive"}),
+                     "send_message": ("darkmatter_send_message", {"content": "spam from a spawned agent"}),
+                     "list_messages": ("darkmatter_list_messages", {})}
+            other = os.environ.get("STANDIN_OTHER_MESSAGE")
+            if other:
+                tries["get_other_message"] = ("darkmatter_get_message", {"message_id": other})
+            outcomes = {}
+            for name, (tool, args) in tries.items():
+                result = await client.call_tool(tool, args)
+                outcomes[name] = {"is_error": result.is_error, "data": result_data(result)}
+            record.update(overreach=outcomes, inbox_seen=result_data(inbox))
         if opts["mode"] == "forward":
             # the first connection the prompt offers as a forwarding target
             peer = re.search(r'^  - agent_id "([^"]+)"', opts["prompt"], re.M)
@@ -135,7 +153,7 @@ def main() -> int:
     print(f"stand-in agent {os.getpid()} mode {opts['mode']}", flush=True)
     print("to stderr too", file=sys.stderr, flush=True)
     code = 0
-    if opts["mode"] in ("respond", "forward"):
+    if opts["mode"] in ("respond", "forward", "overreach"):
         code = asyncio.run(respond(opts, record))
     elif opts["mode"] == "sleep":
         time.sleep(float(opts["sleep"]))

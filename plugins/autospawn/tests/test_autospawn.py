@@ -159,7 +159,11 @@ async def test_end_to_end_spawned_agent_answers_through_the_relay_and_a_gets_the
         assert seen["cwd"] == str(workdir.resolve())
         assert seen["stdin_devnull"] is True
         other = seen["other_args"]
-        assert other[:4] == ["--tools", "", "--allowedTools", "mcp__darkmatter"]
+        assert other[:3] == ["--tools", "", "--allowedTools"]
+        allowed = other[3].split(",")  # only what a spawned agent needs (§12.6)
+        assert "mcp__darkmatter__darkmatter_respond_message" in allowed and "mcp__darkmatter" not in allowed
+        assert not any(t.endswith(("_authenticate", "_disconnect", "_set_status", "_send_message")) for t in allowed)
+        assert len(seen["env"]["DARKMATTER_SESSION_TOKEN"]) == 64
         assert "--strict-mcp-config" in other and "--dangerously-skip-permissions" not in other
         # the prompt: facts, then the content as delimited untrusted data
         text = seen["prompt"]
@@ -239,7 +243,8 @@ async def test_concurrency_cap_queues_the_rest_and_drains_them(tmp_path):
 async def test_hourly_cap_holds_messages_until_the_window_frees_and_skips_answered_ones(tmp_path):
     rec = tmp_path / "records"
     env = agent_env(rec, "sleep", "--sleep", "0", DARKMATTER_AGENT_MAX_CONCURRENT="5",
-                    DARKMATTER_AGENT_MAX_PER_HOUR="2", DARKMATTER_AGENT_RATE_WINDOW="5")
+                    DARKMATTER_AGENT_MAX_PER_HOUR="2", DARKMATTER_AGENT_RATE_WINDOW="5",
+                    DARKMATTER_AGENT_MAX_PER_SENDER="2", DARKMATTER_AGENT_MAX_FROM_STRANGERS="2")
     async with node_context(tmp_path / "b", plugins=PLUGINS, **env) as b:
         spawner = spawner_for(b)
         peer = await signed_peer(b)

@@ -85,7 +85,10 @@ def launch(vpy, port, state_file, log_path, cwd):
     """Start `python -m darkmatter run` in its own session (setsid), detached from this terminal."""
     env = dict(os.environ, DARKMATTER_TRANSPORT="http", DARKMATTER_PORT=str(port), DARKMATTER_STATE_FILE=state_file)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "ab") as log:
+    # the node's log may hold what its peers sent: 0600 from the first byte, never through a planted symlink
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen([vpy, "-m", "darkmatter", "run"], stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, cwd=cwd, env=env, start_new_session=True, close_fds=True)
     return proc.pid
