@@ -454,3 +454,90 @@ async def test_a_spawned_agent_can_only_handle_its_own_message(tmp_path, monkeyp
         assert a.agent_id in b.connections and b.state["status"] == "active"
         assert b.state["private_key_hex"] not in json.dumps(seen)
         assert len(b.state["sent_messages"]) == 0
+
+
+# --- 9. small hardening -----------------------------------------------------------------------------------
+
+
+async def test_state_and_token_files_are_never_opened_through_a_symlink(tmp_path):
+    """A link planted at the state file's (or the token's) path is refused with a one-line error instead of
+    being followed to a file of the planter's choosing."""
+    from darkmatter.errors import StartupError
+    from darkmatter.state import StateError
+
+    async with node_context(tmp_path / "victim") as victim:
+        target = victim.config.state_file
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o700)
+    (planted / "state.json").symlink_to(target)
+    node = make_node(planted, DARKMATTER_STATE_FILE=str(planted / "state.json"))
+    with pytest.raises((StateError, StartupError), match="symbolic link|symlink"):
+        await node.start()
+    token_dir = tmp_path / "token"
+    token_dir.mkdir(mode=0o700)
+    (token_dir / "state.token").symlink_to(tmp_path / "elsewhere.txt")
+    node = make_node(token_dir, DARKMATTER_STATE_FILE=str(token_dir / "state.json"))
+    with pytest.raises(StartupError, match="symlink"):
+        await node.start()
+    assert not (tmp_path / "elsewhere.txt").exists()
+
+
+async def test_a_shared_state_directory_is_warned_about(tmp_path, caplog):
+    """A state directory other users can write to (like /tmp) gets a warning naming it."""
+    import logging
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with caplog.at_level(logging.WARNING):
+        async with node_context(tmp_path / "n", DARKMATTER_STATE_FILE=str(shared / "state.json")):
+            pass
+    assert any("shared with other users" in r.getMessage() and str(shared) in r.getMessage() for r in caplog.records)
+
+
+async def test_webrtc_offers_from_keyless_connections_and_replayed_offers_are_refused(tmp_path):
+    """§9.1: an unsigned offer claiming a keyless (0.2) connection cannot be verified, so it is refused before
+    any WebRTC work; a signed offer seen before (a replay within its 300 s) is refused the second time."""
+    from darkmatter.testing import client
+
+    sdp = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n"
+    async with node_context(tmp_path / "b", plugins="http_transport,webrtc_transport") as b:
+        keyless = RawPeer(agent_id=str(uuid.uuid4()), keyed=False)
+        await keyless.connect(b, sign=False)
+        keyed = RawPeer()
+        await keyed.connect(b)
+        async with client(b) as http:
+            reply = await http.post("/__darkmatter__/webrtc_offer",
+                                    json={"from_agent_id": keyless.agent_id, "sdp_offer": sdp})
+            assert reply.status_code == 403 and reply.json()["code"] == "signature_required", reply.text
+            ts = now_iso()
+            from darkmatter.wire import h
+
+            offer = {"from_agent_id": keyed.agent_id, "to_agent_id": b.agent_id, "sdp_offer": sdp, "timestamp": ts,
+                     "signature_v2_hex": keyed.identity.sign(v2_string("webrtc_offer", keyed.agent_id, b.agent_id,
+                                                                       ts, h(sdp)))}
+            first = await http.post("/__darkmatter__/webrtc_offer", json=offer)
+            assert first.status_code != 403, first.text
+            again = await http.post("/__darkmatter__/webrtc_offer", json=offer)
+            assert again.status_code == 403 and "Replayed" in again.json()["error"], again.text
+
+
+async def test_a_nul_byte_in_content_does_not_break_a_spawn(tmp_path):
+    """A message whose content holds a NUL (valid JSON, valid UTF-8) still starts its agent, which answers; the
+    agent's log file is private (0600)."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    standin = Path(__file__).resolve().parents[2] / "plugins" / "autospawn" / "tests" / "standin_agent.py"
+    records = tmp_path / "records"
+    records.mkdir()
+    command = shlex.join([sys.executable, str(standin), "--mode", "respond", "--record-dir", str(records)])
+    async with node_context(tmp_path / "b", plugins="http_transport,autospawn", DARKMATTER_AGENT_ENABLED="true",
+                            DARKMATTER_AGENT_COMMAND=command) as b, node_context(tmp_path / "a") as a:
+        await connect(a, b)
+        mid = (await actions.send_message(a, "before\x00after", b.agent_id))["message_id"]
+        record = a.state["sent_messages"][mid]
+        assert await wait_for(lambda: record["status"] == "responded", 60), "no agent answered"
+        logs = list((Path(b.config.state_file).parent / "logs").glob("*-agent-*.log"))
+        assert logs and all(p.stat().st_mode & 0o777 == 0o600 for p in logs)

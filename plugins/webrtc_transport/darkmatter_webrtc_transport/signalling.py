@@ -153,9 +153,15 @@ async def answer(manager: WebRTCTransport, body: dict) -> dict:
     if conn is None:
         raise forbidden("Not connected — WebRTC upgrade requires an existing connection.", "not_connected")
     key = node.key_of(from_id)
-    if key is not None:
-        check_offer_signature(node, key, from_id, sdp, body)
-        mark_03(conn)
+    if key is None:
+        # NOTE: an unsigned offer for a keyless connection could come from anyone claiming its id and would
+        # replace its channel; without a key nothing can prove who offers, so the upgrade is refused.
+        raise forbidden("WebRTC upgrade requires a connection with a key: a keyless connection's offers cannot "
+                        "be verified", "signature_required")
+    check_offer_signature(node, key, from_id, sdp, body)
+    if not manager.first_sight(body["signature_v2_hex"]):
+        raise forbidden("Replayed WebRTC offer: this signed offer was already received", "stale_timestamp")
+    mark_03(conn)
     node.rate.check("webrtc_offer", from_id)
     if not has_datachannel(sdp):
         raise ProtocolError(400, "invalid_field", "Invalid sdp_offer: no data channel section")

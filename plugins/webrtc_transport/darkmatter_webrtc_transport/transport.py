@@ -19,8 +19,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from darkmatter.api import (MAX_BODY, Blocked, Caller, ConfigError, ProtocolError, Reply, TransportUnavailable,
-                            forbidden, handle, known_03, loads_object)
+from darkmatter.api import (FRESH_SECONDS, MAX_BODY, Blocked, Caller, ConfigError, ProtocolError, Reply,
+                            TransportUnavailable, forbidden, handle, known_03, loads_object)
 
 from darkmatter_webrtc_transport.link import (ACK_PATH, MAX_FRAME, MESSAGE_PATH, Link, dumps, frame_overhead,
                                               new_frame_id)
@@ -73,6 +73,7 @@ class WebRTCTransport:
         self.links: dict[str, Link] = {}          # open and installed, by agent_id
         self.negotiating: dict[str, Link] = {}    # answered offers whose channel is not open yet
         self.locks: dict[str, asyncio.Lock] = {}
+        self.seen_offers: dict[str, float] = {}  # signature -> when, for the freshness window (replays)
         self._rtc: asyncio.Future | None = None
         self._overhead = frame_overhead(MESSAGE_PATH)
         self.running = False
@@ -88,6 +89,20 @@ class WebRTCTransport:
     def rtc_configuration(self, rtc: Any) -> Any:
         # NOTE: iceServers=None would make aiortc use its own public default; pass the list, even empty.
         return rtc.RTCConfiguration(iceServers=[rtc.RTCIceServer(urls=url) for url in self.stun_servers])
+
+    def first_sight(self, signature: str) -> bool:
+        """Remember a verified offer's signature for the freshness window; False when it was seen before (a
+        replay: the real offerer signs every offer afresh)."""
+        now = time.monotonic()
+        if len(self.seen_offers) > 256:
+            for old, at in list(self.seen_offers.items()):
+                if now - at > FRESH_SECONDS + 5:
+                    del self.seen_offers[old]
+        key = signature.lower()
+        if key in self.seen_offers and now - self.seen_offers[key] <= FRESH_SECONDS + 5:
+            return False
+        self.seen_offers[key] = now
+        return True
 
     def lock_for(self, agent_id: str) -> asyncio.Lock:
         lock = self.locks.get(agent_id)
