@@ -89,11 +89,11 @@ async def test_non_loopback_clients_need_the_token_and_never_get_the_private_key
         remote = {"X-Forwarded-For": "203.0.113.7", "Authorization": f"Bearer {token}"}
         http = httpx2.AsyncClient(trust_env=False, headers=remote, timeout=httpx2.Timeout(30.0))
         async with Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http)) as c:
-            refused = await c.call_tool("darkmatter_authenticate", {})
-            assert refused.is_error
+            backup = await c.call_tool("darkmatter_authenticate", {})  # §12.3: the backup file's path, never the key
+            assert not backup.is_error and "private_key_hex" not in backup.structured_content
             identity = await c.call_tool("darkmatter_get_identity", {})
             assert not identity.is_error
-            for result in (refused, identity):
+            for result in (backup, identity):
                 assert node.state["private_key_hex"] not in json.dumps(
                     [block.model_dump() for block in result.content]) + json.dumps(result.structured_content)
 

@@ -305,7 +305,8 @@ async def test_peer_url_with_a_never_class_literal_is_refused(tmp_path):
 
 
 async def test_well_known_of_an_impostor_never_passes_url_verification(tmp_path):
-    """§6.1: a learned URL is stored only when its well-known shows the same id *and* key."""
+    """§6.1: a learned URL is stored only when the node there proves the peer's key (the challenge); a
+    well-known document with another key or id, answered to the challenge, proves nothing."""
     async with node_context(tmp_path) as node:
         peer = RawPeer()
         await peer.connect(node)
@@ -321,4 +322,4 @@ async def test_well_known_of_an_impostor_never_passes_url_verification(tmp_path)
                 reply = await peer.post(node, "/__darkmatter__/peer_update", body)
                 assert reply.status_code == 403 and reply.json()["code"] == "key_mismatch", name
                 assert node.connections[peer.agent_id]["agent_url"] == peer.url
-                assert impostor.paths() == ["/.well-known/darkmatter.json"]
+                assert impostor.paths() == ["/__darkmatter__/challenge"]
