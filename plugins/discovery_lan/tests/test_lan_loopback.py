@@ -209,12 +209,12 @@ async def test_several_nodes_share_the_port(tmp_path):
     async with lan_node(tmp_path, port, "a") as a, lan_node(tmp_path, port, "b") as b:
         source_a, source_b = await wait_listening(a), await wait_listening(b)
         peer = Identity.generate()
-        send(port, signed_beacon(peer), to="127.255.255.255")
-        assert await wait_for(lambda: peer.public_key_hex in a.discovered and peer.public_key_hex in b.discovered), \
-            (sorted(a.discovered), sorted(b.discovered))
+        async with PeerServer(peer) as server:  # where the peer proves its key (§6.1)
+            send(port, signed_beacon(peer, port=server.port), to="127.255.255.255")
+            both = await wait_for(lambda: peer.public_key_hex in a.discovered and peer.public_key_hex in b.discovered)
+            assert both, (sorted(a.discovered), sorted(b.discovered))
         assert source_a.received_count == source_b.received_count == 1
-        assert a.discovered[peer.public_key_hex]["url"] == b.discovered[peer.public_key_hex]["url"] == \
-            "http://127.0.0.1:8101"
+        assert a.discovered[peer.public_key_hex]["url"] == b.discovered[peer.public_key_hex]["url"] == server.url
 
 
 @pytest.mark.anyio
