@@ -165,7 +165,8 @@ class ListenStreams:
         if len(self._streams) >= self._max_streams:
             raise MCPError(types.INTERNAL_ERROR, "Subscription limit reached")
         wanted = params.notifications
-        wants_channel = (wanted.model_extra or {}).get(channel.LISTEN_KEY) is True
+        # a spawned agent's session (§12.6) never gets other messages pushed to it
+        wants_channel = (wanted.model_extra or {}).get(channel.LISTEN_KEY) is True and _scope_of(ctx) is None
         honored = types.SubscriptionFilter(
             tools_list_changed=wanted.tools_list_changed or None,
             prompts_list_changed=wanted.prompts_list_changed or None,
@@ -237,6 +238,7 @@ class McpServer:
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
         # Handshake-era connections (stdio and HTTP): key -> (connection, transport kind).
         self._legacy: dict[int, tuple[Any, str]] = {}
+        self._scoped: set[int] = set()  # keys of _legacy whose session is scoped to one message (§12.6)
         self._http_inflight = 0
         self._http_streams = 0  # standalone GET streams open (where handshake sessions get notifications)
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -361,6 +363,9 @@ class McpServer:
         key = id(connection)
         self._legacy[key] = (connection, kind)
         connection.exit_stack.callback(self._legacy.pop, key, None)
+        if _scope_of(ctx) is not None:  # a spawned agent's session (§12.6): no channel pushes of other messages
+            self._scoped.add(key)
+            connection.exit_stack.callback(self._scoped.discard, key)
 
     def http_sessions(self) -> int:
         """MCP sessions over HTTP that keep a stdio-less node alive (§12.4): handshake sessions plus requests
@@ -411,8 +416,8 @@ class McpServer:
         """Send ``notifications/claude/channel`` with ``params`` to every session that can receive it now:
         handshake sessions over stdio, HTTP ones with their GET stream open, and 2026-era listen streams that
         asked for channel events. Returns how many took it."""
-        targets = [conn for conn, kind in list(self._legacy.values()) if conn.initialize_accepted
-                   and (kind == "stdio" or self._get_streams.get(conn.session_id or ""))]
+        targets = [conn for key, (conn, kind) in list(self._legacy.items()) if conn.initialize_accepted
+                   and key not in self._scoped and (kind == "stdio" or self._get_streams.get(conn.session_id or ""))]
 
         async def one(conn) -> bool:
             try:
@@ -615,6 +620,13 @@ def _explain(err: jsonschema.ValidationError) -> str:
     if simple:
         return simple
     return f"{where}: {err.message[:200]}"
+
+
+def _scope_of(ctx) -> str | None:
+    """The message an HTTP request's session is scoped to (set by ``McpServer.asgi``), or None."""
+    request = getattr(ctx, "request", None)
+    state = (request.scope.get("state") or {}) if request is not None else {}
+    return state.get("darkmatter_scope")
 
 
 def _error_result(message: str) -> types.CallToolResult:

@@ -135,6 +135,7 @@ async def test_snapshot_shows_the_mesh_and_never_a_secret(tmp_path):
         await send_message(b, "hello from b", a.agent_id)
         a.state["impressions"][b.agent_id] = "reliable"
         a.record_discovered({"agent_id": c.agent_id, "url": c.base_url, "display_name": "c", "source": "local"})
+        await a.discovery_settled()  # C proves its key at that URL first (§6.1)
         async with client(a) as http:
             reply = await http.get("/ui/api/state")
         snap = reply.json()

@@ -256,6 +256,7 @@ def test_screenshot_of_a_busy_node(loop, browser, tmp_path):
     loop.run(request_connection(peers["frank"], alice.base_url))
     loop.call(alice.record_discovered, {"agent_id": peers["erin"].agent_id, "url": peers["erin"].base_url,
                                         "display_name": "erin", "source": "local"})
+    loop.run(alice.discovery_settled())  # erin proves its key at that URL first (docs/protocol.md §6.1)
     sent = loop.run(send_message(alice, "Does anyone have a GPU free tonight for a 2-hour training run?"))
     from darkmatter.api import forward_message, respond_message
 
