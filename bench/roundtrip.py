@@ -13,12 +13,17 @@ Every poll is a tool call (bounded: 400 calls or 20 s). The time is from step 1 
 driving the nodes at machine speed would see it. The baseline, measured in the same run, is the bare
 route round trip: ``h + 1`` sequential sign-and-POST round trips (one per hop plus the response) to
 ``bench.bare_server`` from a separate process over one keep-alive connection.
+
+Each step that crosses a hop (send, forward, respond: the call returns once the next node has the message,
+or A has the response, on disk) is also timed alone, against one plain MCP call (``darkmatter_get_identity``
+on A) made right after the same trip.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import statistics
 import time
 
 from bench.common import PYTHON, Child, JsonLineChild, child_env, free_port, new_identity, ratios, spread, wait_http
@@ -41,24 +46,40 @@ async def wait_for(node: McpNode, tool: str, ok, **args) -> dict:
     raise TimeoutError(f"{tool} on {node.url} never showed what was awaited")
 
 
-async def trip(nodes: list[McpNode], hops: int) -> tuple[float, int]:
+async def timed(steps: dict | None, kind: str, call):
+    started = time.perf_counter()
+    result = await call
+    if steps is not None:
+        steps.setdefault(kind, []).append(time.perf_counter() - started)
+    return result
+
+
+async def trip(nodes: list[McpNode], hops: int, steps: dict | None = None) -> tuple[float, int]:
+    """One round trip; ``steps`` collects the duration of each MCP step that crosses a hop (send, forward,
+    respond: each returns once the next node has the message or the response durably) and, as their
+    baseline, of one plain MCP call (``darkmatter_get_identity`` on A, made after the trip)."""
     calls_before = sum(n.calls for n in nodes)
     a = nodes[0]
     started = time.perf_counter()
-    sent = await a.call("darkmatter_send_message", content=f"round trip {secrets.token_hex(6)}",
-                        target_agent_id=nodes[1].agent_id)
+    sent = await timed(steps, "send", a.call("darkmatter_send_message", content=f"round trip {secrets.token_hex(6)}",
+                                              target_agent_id=nodes[1].agent_id))
     mid = sent["message_id"]
     for i in range(1, hops):
         await wait_for(nodes[i], "darkmatter_get_message", lambda r: True, message_id=mid)
-        await nodes[i].call("darkmatter_forward_message", message_id=mid, target_agent_id=nodes[i + 1].agent_id)
+        await timed(steps, "forward", nodes[i].call("darkmatter_forward_message", message_id=mid,
+                                                    target_agent_id=nodes[i + 1].agent_id))
     last = nodes[hops]
     await wait_for(last, "darkmatter_get_message", lambda r: True, message_id=mid)
-    answer = await last.call("darkmatter_respond_message", message_id=mid, response="the answer")
+    answer = await timed(steps, "respond", last.call("darkmatter_respond_message", message_id=mid,
+                                                     response="the answer"))
     if answer.get("delivery") != "delivered":
         raise RuntimeError(f"response not delivered: {answer}")
     await wait_for(a, "darkmatter_get_sent_message", lambda r: bool(r.get("responses")), message_id=mid)
     elapsed = time.perf_counter() - started
-    return elapsed, sum(n.calls for n in nodes) - calls_before
+    calls = sum(n.calls for n in nodes) - calls_before
+    if steps is not None:
+        await timed(steps, "plain", a.call("darkmatter_get_identity"))
+    return elapsed, calls
 
 
 async def run(ctx) -> dict:
@@ -74,6 +95,7 @@ async def run(ctx) -> dict:
     full_times: list[float] = []
     full_base: list[float] = []
     full_state_mb = None
+    steps: list[dict[str, list[float]]] = []  # per measured trip: step kind -> durations (s)
     try:
         await asyncio.gather(*(n.start() for n in nodes))
         await wait_http(bare_port, child=bare)
@@ -86,7 +108,8 @@ async def run(ctx) -> dict:
             await trip(nodes, h)
         for _ in range(repeats):
             for h in HOPS:
-                elapsed, n_calls = await trip(nodes, h)
+                steps.append({})
+                elapsed, n_calls = await trip(nodes, h, steps[-1])
                 times[h].append(elapsed)
                 calls[h].append(n_calls)
                 chain = await loadgen.call({"job": "chain", "port": bare_port, "peers": peers,
@@ -125,16 +148,35 @@ async def run(ctx) -> dict:
                "ratio": ratios(times[h], base[h]), "mcp_calls_per_trip": spread(calls[h], 1)}
         figures["by_hops"][str(h)] = fig
         rows.append((f"round trip {h} hop{'s' if h > 1 else ''}", "ms, A sends -> A has the response (MCP-driven)",
-                     fig["darkmatter_ms"], fig["bare_ms"], fig["ratio"], ""))
+                     fig["darkmatter_ms"], fig["bare_ms"], fig["ratio"], "<= 20 ms" if h == 3 else ""))
         rows.append((f"round trip {h} hop{'s' if h > 1 else ''}", "MCP tool calls per trip", fig["mcp_calls_per_trip"],
                      None, None, ""))
+    figures["targets"] = {"three_hops_le_20_ms": figures["by_hops"]["3"]["darkmatter_ms"]["median"] <= 20}
+    # Each trip's steps paired with the plain MCP call made right after that trip.
+    plain = [t["plain"][0] * 1000 for t in steps]
+    figures["steps"] = {"plain_ms": spread(plain)}
+    for kind in ("send", "forward", "respond"):
+        ms = [x * 1000 for t in steps for x in t.get(kind, ())]
+        figures["steps"][kind + "_ms"] = spread(ms)
+        figures["steps"][kind + "_ratio"] = spread(x / t["plain"][0] for t in steps for x in t.get(kind, ()))
+        rows.append(("MCP step across a hop", f"ms, darkmatter_{kind}_message (baseline: one plain MCP call)",
+                     figures["steps"][kind + "_ms"], figures["steps"]["plain_ms"], figures["steps"][kind + "_ratio"],
+                     "<= 4 ms"))
+    every = [x * 1000 for t in steps for kind in ("send", "forward", "respond") for x in t.get(kind, ())]
+    figures["steps"]["all_ms"] = spread(every)
+    figures["targets"]["hop_step_le_4_ms"] = bool(every) and statistics.median(every) <= 4
     fig = {"darkmatter_ms": spread(t * 1000 for t in full_times), "bare_ms": spread(t * 1000 for t in full_base),
            "ratio": ratios(full_times, full_base),
            "over_empty": round(spread(full_times)["median"] / figures["by_hops"]["1"]["darkmatter_ms"]["median"] * 1000, 2)
            if full_times else None, "state_mb": full_state_mb}
+    fig["over_empty_ratio"] = ratios(full_times, times[1])  # repeat i full over repeat i empty
     figures["one_hop_full_stores"] = fig
+    figures["targets"]["full_over_empty_le_1_2x"] = fig["over_empty_ratio"]["median"] is not None and \
+        fig["over_empty_ratio"]["median"] <= 1.2
     rows.append(("round trip 1 hop", f"ms, same with A's stores full ({full_state_mb} MB state)", fig["darkmatter_ms"],
                  fig["bare_ms"], fig["ratio"], ""))
+    rows.append(("round trip 1 hop", "full stores / empty (same repeats)", None, None, fig["over_empty_ratio"],
+                 "<= 1.2x"))
     return {"figures": figures, "rows": rows}
 
 

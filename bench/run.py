@@ -36,6 +36,7 @@ RESULTS = ROOT / "bench" / "results"
 SCENARIOS: dict[str, tuple[str, str]] = {
     "perhop": ("bench.perhop", "signed POST /message -> queued, c=1/16/64, empty and full stores, vs bare route"),
     "roundtrip": ("bench.roundtrip", "respond round trip over 1 and 3 hops through the MCP tools, vs bare route"),
+    "startup": ("bench.startup", "process start -> first 200 on the well-known document, vs the bare route process"),
     "coldstart": ("bench.coldstart", "process start -> tools/list over stdio, vs a bare SDK server"),
     "idle": ("bench.idle", "RSS and CPU of an idle node, vs the bare route process"),
     "broadcast": ("bench.broadcast", "broadcast to 50 peers of which 10 are dead"),
