@@ -264,10 +264,11 @@ class Node:
         assert self.persister is not None
         await self.persister.save(ops)
 
-    def save_soon(self) -> None:
-        """Persist without waiting: for changes nobody was promised durability of."""
+    def save_soon(self, ops: list | None = None) -> None:
+        """Persist without waiting: for changes nobody was promised durability of. ``ops`` as for
+        :meth:`save` (mark them in the same synchronous step as the change)."""
         if self.persister is not None:
-            self.persister.mark()
+            self.persister.mark(ops)
 
     # --- events and status ----------------------------------------------------------------
 

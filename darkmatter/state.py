@@ -189,17 +189,21 @@ def apply_overrides(state: dict, *, port: int, display_name: str | None, bio: st
         state["is_genesis"] = genesis
 
 
-def evict_sent(state: dict, cap: int = SENT_CAP) -> None:
-    """Keep at most `cap` sent messages, oldest first out, never one with outbox entries."""
+def evict_sent(state: dict, cap: int = SENT_CAP) -> list[str]:
+    """Keep at most `cap` sent messages, oldest first out, never one with outbox entries; return the ids of
+    those removed."""
     sent = state["sent_messages"]
     if len(sent) <= cap:
-        return
+        return []
     busy = {e.get("message_id") for e in state["outbox"]}
+    removed = []
     for message_id in sorted(sent, key=lambda m: sent[m].get("created_at") or ""):
         if len(sent) <= cap:
             break
         if message_id not in busy:
             del sent[message_id]
+            removed.append(message_id)
+    return removed
 
 
 def corrupt_copy_name(path: Path) -> Path:

@@ -8,10 +8,20 @@ Durable and fast at once (docs/protocol.md §11.2: whatever a peer got a 200 for
 * Hot paths pass ``ops`` — small journal records such as ``("append", ["inbox"], entry)`` — instead of
   asking for a whole snapshot. They are appended to a journal and fsynced; the full snapshot is
   rewritten only when something without ops changed or the journal has grown past its limit. So
-  accepting a message costs one small append, however large the inbox and sent store are.
+  accepting a message, sending one and every step of its delivery cost one small append, however large
+  the inbox and sent store are.
+
+A record is encoded when it is marked, so it holds the values of that moment: a change made later is
+described by its own record. Mark the ops in the same synchronous step as the change they describe
+(no ``await`` in between), so that a snapshot written meanwhile never holds a change whose record comes
+after it.
 
 Journal records carry a sequence number; the snapshot records the last one it includes, so a crash
 between writing a snapshot and truncating the journal never applies a record twice.
+
+Paths address dict keys; a path segment that is itself a dict selects the first list item whose fields
+equal it (``["outbox", {"id": "out-1"}]``, ``["inbox", {"message_id": "msg-1"}, "read_at"]``). ``set``
+on such a segment replaces the item, ``del`` removes it from the list.
 """
 
 from __future__ import annotations
@@ -45,6 +55,22 @@ class Storage(Protocol):
         """Release resources. Called once at shutdown after the final commit."""
 
 
+class _Gone(Exception):
+    """A selector matched no list item."""
+
+
+def _select(target: Any, key: Any) -> tuple[Any, Any]:
+    """The container and index/key a path segment addresses in ``target``."""
+    if isinstance(key, dict):
+        if not isinstance(target, list):
+            raise TypeError("a selector needs a list")
+        for index, item in enumerate(target):
+            if isinstance(item, dict) and all(item.get(k) == v for k, v in key.items()):
+                return target, index
+        raise _Gone()
+    return target, key
+
+
 def apply_ops(state: dict, ops: Iterable[Op]) -> None:
     """Replay journal operations onto a loaded state. Unknown or inapplicable ops are skipped."""
     for op in ops:
@@ -52,15 +78,23 @@ def apply_ops(state: dict, ops: Iterable[Op]) -> None:
             kind, path = op[0], op[1]
             target = state
             for key in path[:-1]:
-                target = target[key]
-            last = path[-1]
+                container, index = _select(target, key)
+                target = container[index]
+            container, last = _select(target, path[-1])
             if kind == "set":
-                target[last] = op[2]
+                container[last] = op[2]
             elif kind == "append":
-                target[last].append(op[2])
+                container[last].append(op[2])
             elif kind == "del":
-                target.pop(last, None)
+                if isinstance(container, list):
+                    del container[last]
+                else:
+                    container.pop(last, None)
+        except _Gone:
+            continue  # the list item was removed before this record: nothing left to change
         except (KeyError, IndexError, TypeError, AttributeError):
+            if op and op[0] == "del":
+                continue  # already gone: what the record asked for holds
             log.warning("skipping a journal record that does not apply: %r", op[:2])
 
 
@@ -105,12 +139,12 @@ class Persister:
         self._journal_limit = journal_limit
         self._journal_bytes = 0
         self._full_needed = False
-        self._pending_ops: list[list[Op]] = []
+        self._pending: list[bytes] = []  # encoded journal records not yet written
         self._seq = int(snapshot().get(JOURNAL_SEQ_KEY) or 0)
         self._dirty = 0
         self._durable = 0
         self._writer: asyncio.Task | None = None
-        self._changed = asyncio.Condition()
+        self._waiters: list[tuple[int, asyncio.Future]] = []
         self.commits = 0
         self.appends = 0
         self.error: BaseException | None = None
@@ -119,9 +153,12 @@ class Persister:
         """Record a change that should reach disk soon, without waiting for it."""
         self._dirty += 1
         if ops is not None and self._journal:
-            self._pending_ops.append(ops)
+            if not self._full_needed:  # a pending snapshot holds this change anyway
+                self._seq += 1
+                self._pending.append(_dumps({"seq": self._seq, "ops": ops}))
         else:
             self._full_needed = True
+            self._pending.clear()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         return self._dirty
@@ -129,32 +166,36 @@ class Persister:
     async def save(self, ops: list[Op] | None = None) -> None:
         """Return once the current state (including the caller's change) is durable."""
         generation = self.mark(ops)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._durable >= generation or self._failed())
-        if self._durable < generation and self.error is not None:
-            raise OSError(f"state could not be written: {self.error}") from self.error
-
-    def _failed(self) -> bool:
-        return self.error is not None and (self._writer is None or self._writer.done())
+        if self._durable >= generation:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((generation, waiter))
+        await waiter
 
     def _encode_snapshot(self) -> bytes:
         state = self._snapshot()
         state[JOURNAL_SEQ_KEY] = self._seq
-        return json.dumps(state, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return _dumps(state)
 
-    def _encode_ops(self, batch: list[list[Op]]) -> bytes:
-        lines = []
-        for ops in batch:
-            self._seq += 1
-            lines.append(json.dumps({"seq": self._seq, "ops": ops}, ensure_ascii=False,
-                                    separators=(",", ":")).encode("utf-8"))
-        return b"\n".join(lines) + b"\n"
+    def _wake(self, error: BaseException | None) -> None:
+        """Resolve the waiters whose change is durable now; on an error, fail every waiter."""
+        keep = []
+        for generation, waiter in self._waiters:
+            if waiter.done():
+                continue
+            if error is not None:
+                waiter.set_exception(OSError(f"state could not be written: {error}"))
+            elif generation <= self._durable:
+                waiter.set_result(None)
+            else:
+                keep.append((generation, waiter))
+        self._waiters = keep
 
     async def _write_loop(self) -> None:
         while self._durable < self._dirty:
             generation = self._dirty
             full = self._full_needed or self._journal_bytes >= self._journal_limit
-            batch, self._pending_ops = self._pending_ops, []
+            batch, self._pending = self._pending, []
             try:
                 if full:
                     self._full_needed = False
@@ -162,7 +203,7 @@ class Persister:
                     self._journal_bytes = 0
                     self.commits += 1
                 else:
-                    data = self._encode_ops(batch)
+                    data = b"".join(batch)
                     await self.storage.append(data)  # type: ignore[attr-defined]
                     self._journal_bytes += len(data)
                     self.appends += 1
@@ -170,15 +211,27 @@ class Persister:
                 log.error("state write failed: %s", exc)
                 self.error = exc
                 self._full_needed = True  # the next attempt rewrites everything
-                async with self._changed:
-                    self._changed.notify_all()
+                self._pending.clear()
+                self._wake(exc)
                 return
             self.error = None
             self._durable = generation
-            async with self._changed:
-                self._changed.notify_all()
+            self._wake(None)
+
+    async def drain(self) -> None:
+        """Wait until every change marked so far is on disk, without asking for a write (returns at once
+        when the last write failed and nothing is being written)."""
+        if self._durable >= self._dirty or self._writer is None or self._writer.done():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._dirty, waiter))
+        await waiter
 
     async def flush(self) -> None:
         """Write a full snapshot (emptying the journal) and wait for it."""
         self._full_needed = True
         await self.save()
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"

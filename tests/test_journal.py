@@ -1,5 +1,6 @@
 """The append-only journal beside the state file (darkmatter/storage.py)."""
 
+import asyncio
 import json
 
 import pytest
@@ -62,3 +63,68 @@ async def test_webhook_updates_and_responses_are_journaled_and_survive_a_crash(t
         assert [r["response"] for r in record["responses"]] == ["answer"]
         assert record["response"]["agent_id"] == c.agent_id and record["response"]["verified"] is True
         assert [(u["type"], u["agent_id"]) for u in record["updates"]] == [("forwarded", b.agent_id)]
+
+
+def _comparable(state: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in state.items() if k != "journal_seq"}))
+
+
+async def test_outbound_steps_are_journaled_and_replay_to_the_live_state(tmp_path):
+    """Sending, forwarding, responding, reading and every delivery's bookkeeping append journal records: no
+    snapshot is rewritten, and what a crash would leave (snapshot + journal) is the live state."""
+    from darkmatter.builtin import core_tools
+    from darkmatter.mesh import outbound as actions
+    from darkmatter.testing import mesh
+
+    async with mesh(tmp_path, 3) as nodes:
+        a, b, c = nodes
+        for node in nodes:
+            await node.persister.drain()
+        commits = [node.persister.commits for node in nodes]
+        for i in range(3):
+            sent = await actions.send_message(a, f"question {i}", b.agent_id)
+            mid = sent["message_id"]
+            assert sent["deliveries"][b.agent_id]["state"] == "delivered"
+            await core_tools.get_message(b, {"message_id": mid}, None)  # read: a receipt goes back to A
+            forwarded = await actions.forward_message(b, mid, c.agent_id, note="ask C")
+            assert forwarded["delivery"] == "delivered"
+            answered = await actions.respond_message(c, mid, "answer")
+            assert answered["delivery"] == "delivered"
+        broadcast = await actions.send_message(a, "to everyone")  # A's only connection is B
+        assert broadcast["deliveries"][b.agent_id]["state"] == "delivered"
+        expired = await actions.expire_message(a, broadcast["message_id"])
+        assert expired["status"] == "expired"
+        for _ in range(200):  # the forwarded updates and receipts are delivered in the background
+            if not any(node.state["outbox"] for node in nodes):
+                break
+            await asyncio.sleep(0.02)
+        assert not any(node.state["outbox"] for node in nodes)
+        for node in nodes:
+            await node.persister.drain()
+        assert [node.persister.commits for node in nodes] == commits, "an outbound step rewrote a snapshot"
+        for node in nodes:
+            loaded = JsonFileStorage(node.config.state_file).load()  # what a crash right now would leave
+            assert _comparable(loaded) == _comparable(node.state)
+        record = a.state["sent_messages"][mid]
+        assert record["status"] == "responded" and record["routed_to"] == [b.agent_id]
+        assert [u["type"] for u in record["updates"]] == ["forwarded"]
+        assert {r["state"] for r in record.get("receipts", [])} >= {"read"}
+        held = next(m for m in b.state["inbox"] if m["message_id"] == mid)
+        assert held["forwarded_to"] == [c.agent_id] and held["read_at"]
+        assert not c.state["inbox"]
+
+
+def test_selector_paths_replay_onto_list_items():
+    state = {"journal_seq": 0, "outbox": [{"id": "o1", "n": 0}, {"id": "o2", "n": 0}],
+             "inbox": [{"message_id": "m1", "forwarded_to": []}]}
+    records = [
+        {"seq": 1, "ops": [["set", ["outbox", {"id": "o2"}, "n"], 5], ["del", ["outbox", {"id": "o1"}]]]},
+        {"seq": 2, "ops": [["append", ["inbox", {"message_id": "m1"}, "forwarded_to"], "x"],
+                           ["set", ["outbox", {"id": "o2"}], {"id": "o2", "n": 7}]]},
+        {"seq": 3, "ops": [["set", ["inbox", {"message_id": "gone"}, "read_at"], "t"],
+                           ["del", ["outbox", {"id": "o1"}]]]},
+    ]
+    journal = b"".join(json.dumps(r).encode() + b"\n" for r in records)
+    assert replay(state, journal) == 3
+    assert state["outbox"] == [{"id": "o2", "n": 7}]
+    assert state["inbox"] == [{"message_id": "m1", "forwarded_to": ["x"]}]

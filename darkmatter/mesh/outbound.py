@@ -17,6 +17,7 @@ from darkmatter.mesh.connections import (HOPS_CAP, MAX_CONNECTIONS, MAX_PENDING_
                                          drop_connection, known_03, mark_03, new_connection, version_at_least)
 from darkmatter.mesh.dispatch import call, check
 from darkmatter.mesh.healing import fetch_well_known
+from darkmatter.mesh.outbox import append_op
 from darkmatter.mesh.transport import SMALL, Caller, Reply
 from darkmatter.state import evict_sent
 from darkmatter.tools import ToolError
@@ -233,8 +234,11 @@ async def send_message(node: Node, content: str, target_agent_id: str | None = N
         entry = node.outbox.add("message", dict(payload), target_agent_id=target, message_id=message_id)
         sent["deliveries"][target] = _delivery_record(entry, "queued")
         entries.append(entry)
-    evict_sent(node.state)
-    await node.save()
+    # NOTE: the first attempts started in outbox.add and run while this record is fsynced; the call returns
+    # only once both are done. Everything is marked here, before the first await (darkmatter/storage.py).
+    ops = [("set", ["sent_messages", message_id], sent), *(append_op(e) for e in entries),
+           *(("del", ["sent_messages", old]) for old in evict_sent(node.state))]
+    await node.save(ops)
     await _first_attempts(node, entries, broadcast=target_agent_id is None)
     deliveries = sent["deliveries"]
     ok = any(d["state"] in ("delivered", "queued") for d in deliveries.values())
@@ -294,12 +298,15 @@ async def forward_message(node: Node, message_id: str, target_agent_id: str, not
         raise ToolError(f"Cannot forward to {target_agent_id!r}: not one of your connections.")
     if entry["hops_remaining"] <= 0:
         if not entry.get("expired_reported"):
-            entry["expired_reported"] = True
-            if not await check_webhook(node, entry):
-                node.outbox.add("webhook_update", {"type": "expired", "agent_id": node.agent_id,
-                                                   "note": "Message expired — no hops remaining."},
-                                url=entry["webhook"], message_id=message_id)
-            await node.save()
+            entry["expired_reported"] = True  # before the await: a concurrent forward must not report it again
+            blocked = await check_webhook(node, entry)
+            ops: list = [("set", [*inbox_path(message_id), "expired_reported"], True)]  # a set: safe to mark late
+            if not blocked:
+                ops.append(append_op(node.outbox.add(
+                    "webhook_update", {"type": "expired", "agent_id": node.agent_id,
+                                       "note": "Message expired — no hops remaining."},
+                    url=entry["webhook"], message_id=message_id)))
+            await node.save(ops)
             await node.emit("dm_on_message_expired", message_id=message_id, reason="no hops remaining")
         raise ToolError("Message expired — hops_remaining is 0.")
     problem = await check_webhook(node, entry)
@@ -312,7 +319,7 @@ async def forward_message(node: Node, message_id: str, target_agent_id: str, not
         remote = reply.body
         if remote.get("status") in ("expired", "responded"):
             node.state["inbox"].remove(entry)
-            await node.save()
+            await node.save([("del", inbox_path(message_id))])
             raise ToolError(f"Message is already {remote['status']} (checked via webhook). Removed from queue.")
     elif reply.status == 404 and not force:
         raise ToolError("Webhook does not know this message (404). Retry with force=true to forward anyway.")
@@ -332,7 +339,7 @@ async def forward_message(node: Node, message_id: str, target_agent_id: str, not
                "hops_remaining": entry["hops_remaining"] - 1, "metadata": entry.get("metadata") or {},
                "note": note}
     out = node.outbox.add("forward", payload, target_agent_id=target_agent_id, message_id=message_id)
-    await node.save()
+    await node.save([append_op(out)])  # the first attempt runs meanwhile
     started = time.monotonic()
     state = await node.outbox.wait_first_attempt(out, SEND_WAIT)
     if state == "delivered":
@@ -377,7 +384,7 @@ async def respond_message(node: Node, message_id: str, response: str, metadata: 
     out = node.outbox.add("response", payload, url=entry["webhook"], message_id=message_id)
     out["from_agent_id"] = entry["from_agent_id"]
     node.state["inbox"].remove(entry)
-    await node.save()
+    await node.save([append_op(out), ("del", inbox_path(message_id))])  # the delivery runs meanwhile
     state = await node.outbox.wait(out, SEND_WAIT)
     await node.emit("dm_on_message_responded", message_id=message_id, response=response, delivery=state)
     return {"success": state != "failed", "message_id": message_id, "delivery": state,
@@ -398,7 +405,7 @@ async def expire_message(node: Node, message_id: str) -> dict:
         await node.emit("dm_on_message_expired", message_id=message_id, reason="expired by the agent")
         return {"success": True, "message_id": message_id, "status": "expired"}
     sent["status"] = "expired"
-    await node.save()
+    await node.save([("set", ["sent_messages", message_id, "status"], "expired")])
     await node.emit("dm_on_message_expired", message_id=message_id, reason="expired by owner")
     return {"success": True, "message_id": message_id, "status": "expired"}
 
@@ -423,30 +430,38 @@ async def ask_impression(node: Node, agent_id: str, about_agent_id: str) -> dict
 # --- outbox callbacks -------------------------------------------------------------------------------
 
 
-def on_outbox_progress(node: Node, entry: dict, reply: Reply) -> None:
+def on_outbox_progress(node: Node, entry: dict, reply: Reply) -> list:
     if entry["kind"] == "message":
         sent = node.state["sent_messages"].get(entry["message_id"])
         if sent is not None:
-            sent["deliveries"][entry["target_agent_id"]] = _delivery_record(entry, "queued")
+            record = sent["deliveries"][entry["target_agent_id"]] = _delivery_record(entry, "queued")
+            return [("set", ["sent_messages", entry["message_id"], "deliveries", entry["target_agent_id"]], record)]
+    return []
 
 
-def on_outbox_finished(node: Node, entry: dict, reply: Reply) -> None:
+def on_outbox_finished(node: Node, entry: dict, reply: Reply) -> list:
+    """Record an entry's outcome; return the journal ops of what changed."""
     kind = entry["kind"]
     state = entry["state"]
     target = entry.get("target_agent_id")
     conn = node.connections.get(target) if target else None
+    ops: list = []
     if kind in ("message", "forward") and conn is not None and state == "delivered":
         conn["messages_sent"] = conn.get("messages_sent", 0) + 1
         conn["last_activity"] = now_iso()
         conn["health_failures"] = 0
-        if reply.body and isinstance(reply.body, dict) and reply.body.get("success") and not known_03(conn):
-            pass
+        path = ["connections", target]
+        ops += [("set", [*path, "messages_sent"], conn["messages_sent"]),
+                ("set", [*path, "last_activity"], conn["last_activity"]), ("set", [*path, "health_failures"], 0)]
     if kind == "message":
         sent = node.state["sent_messages"].get(entry["message_id"])
         if sent is not None:
-            sent["deliveries"][target] = _delivery_record(entry, state)
+            path = ["sent_messages", entry["message_id"]]
+            record = sent["deliveries"][target] = _delivery_record(entry, state)
+            ops.append(("set", [*path, "deliveries", target], record))
             if state == "delivered" and target not in sent["routed_to"]:
                 sent["routed_to"].append(target)
+                ops.append(("append", [*path, "routed_to"], target))
         node.changed()
     elif kind == "forward" and state == "delivered":
         message_id = entry["message_id"]
@@ -454,18 +469,28 @@ def on_outbox_finished(node: Node, entry: dict, reply: Reply) -> None:
             if item["message_id"] == message_id:
                 if target not in item["forwarded_to"]:
                     item["forwarded_to"].append(target)
+                    ops.append(("append", [*inbox_path(message_id), "forwarded_to"], target))
                 if webhook_problem(item["webhook"], message_id) is None:
-                    node.outbox.add("webhook_update", {"type": "forwarded", "agent_id": node.agent_id,
-                                                       "target_agent_id": target, "note": entry["payload"].get("note")},
-                                    url=item["webhook"], message_id=message_id)
+                    ops.append(append_op(node.outbox.add(
+                        "webhook_update", {"type": "forwarded", "agent_id": node.agent_id, "target_agent_id": target,
+                                           "note": entry["payload"].get("note")},
+                        url=item["webhook"], message_id=message_id)))
                 node.spawn(node.emit("dm_on_message_forwarded", message=item, target_agent_id=target))
                 break
     elif kind == "response" and state == "delivered":
-        sender = node.connections.get(entry.get("from_agent_id") or "")
+        sender_id = entry.get("from_agent_id") or ""
+        sender = node.connections.get(sender_id)
         if sender is not None:
             sender["total_response_time_ms"] = sender.get("total_response_time_ms", 0) + int(reply.elapsed_ms)
+            ops.append(("set", ["connections", sender_id, "total_response_time_ms"], sender["total_response_time_ms"]))
     elif state == "failed":
         node.changed()
+    return ops
+
+
+def inbox_path(message_id: str) -> list:
+    """The journal path of an inbox entry (darkmatter/storage.py)."""
+    return ["inbox", {"message_id": message_id}]
 
 
 def response_time_ms(conn: dict) -> float | None:

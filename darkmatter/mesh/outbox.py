@@ -29,14 +29,25 @@ from darkmatter.wire import ProtocolError, endpoint, now_iso, webhook_problem
 if TYPE_CHECKING:
     from darkmatter.node import Node
 
-# Called with (node, entry, reply) after an attempt that will be retried, and after an entry finished.
-Callback = Callable[["Node", dict, Reply], None]
+# Called with (node, entry, reply) after an attempt that will be retried, and after an entry finished; returns
+# the journal ops of what it changed in the state (docs: darkmatter/storage.py), or None for "snapshot it all".
+Callback = Callable[["Node", dict, Reply], "list | None"]
 
 log = logging.getLogger(__name__)
 
 OUTBOX_CAP = 500
 CONCURRENCY = 16
 SLOT_SECONDS = 1.0  # an attempt still waiting for its answer after this long no longer counts against CONCURRENCY
+
+
+def entry_path(entry: dict) -> list:
+    """The journal path of an outbox entry (darkmatter/storage.py)."""
+    return ["outbox", {"id": entry["id"]}]
+
+
+def append_op(entry: dict) -> tuple:
+    """The journal op that persists a new outbox entry."""
+    return ("append", ["outbox"], entry)
 
 
 class Outbox:
@@ -80,7 +91,11 @@ class Outbox:
 
     def add(self, kind: str, payload: dict, *, target_agent_id: str | None = None, url: str | None = None,
             message_id: str | None = None, deadline_seconds: float | None = None) -> dict:
-        """Queue an entry (not yet persisted: the caller awaits ``node.save()`` before acknowledging)."""
+        """Queue an entry and start its first attempt at once (on the next turn of the event loop).
+
+        The entry is not persisted here: the caller marks ``("append", ["outbox"], entry)`` (see
+        :func:`append_op`) in the same synchronous step and awaits the save before acknowledging. The first
+        attempt and that save run side by side, so the fsync overlaps the network round trip."""
         if len(self.entries) >= OUTBOX_CAP:
             raise ProtocolError(429, "capacity", "Outbox is full; try again later")
         now = time.time()
@@ -92,7 +107,12 @@ class Outbox:
         self.entries.append(entry)
         self._done[entry["id"]] = asyncio.get_running_loop().create_future()
         self._attempted[entry["id"]] = asyncio.Event()
-        self._wake.set()
+        # NOTE: starting the attempt here saves the worker's wake-up and its scan of every entry; the rules
+        # the worker applies to a new entry (not in flight, due now) hold, and a stuck recipient waits.
+        if self._worker is not None and not (kind in ("message", "forward") and target_agent_id in self._stuck_targets()):
+            self._launch(entry)
+        else:
+            self._wake.set()
         return entry
 
     async def wait_first_attempt(self, entry: dict, timeout: float = 15.0) -> str:
@@ -133,9 +153,7 @@ class Outbox:
                 if entry["kind"] in ("message", "forward") and entry.get("target_agent_id") in stuck:
                     continue  # tried again when the stuck attempt ends (_attempt_done wakes this loop)
                 if entry["next_attempt_at"] <= now or self._moved(entry):
-                    task = asyncio.get_running_loop().create_task(self._attempt(entry))
-                    self._inflight[entry["id"]] = task
-                    task.add_done_callback(lambda t, eid=entry["id"]: self._attempt_done(eid))
+                    self._launch(entry)
                 elif soonest is None or entry["next_attempt_at"] < soonest:
                     soonest = entry["next_attempt_at"]
             timeout = None if soonest is None else max(0.01, soonest - time.time())
@@ -160,6 +178,11 @@ class Outbox:
             return False
         conn = self.node.connections.get(entry.get("target_agent_id") or "")
         return conn is not None and conn.get("agent_url") != tried
+
+    def _launch(self, entry: dict) -> None:
+        task = asyncio.get_running_loop().create_task(self._attempt(entry))
+        self._inflight[entry["id"]] = task
+        task.add_done_callback(lambda t, eid=entry["id"]: self._attempt_done(eid))
 
     def _attempt_done(self, entry_id: str) -> None:
         self._inflight.pop(entry_id, None)
@@ -221,9 +244,9 @@ class Outbox:
                     self.finish(entry, "failed", reply)
                     return
                 entry["next_attempt_at"] = time.time() + delay
-                self._record_progress(entry, reply)
+                ops = self._record_progress(entry, reply)
                 self._signal_attempt(entry)
-                self.node.save_soon()
+                self.node.save_soon(None if ops is None else [("set", entry_path(entry), entry), *ops])
                 if reply.error_kind == "connect" and entry.get("target_agent_id") in self.node.connections \
                         and entry["kind"] in ("message", "forward"):
                     self.node.spawn(self._recover(entry["target_agent_id"]), name="peer-lookup")
@@ -244,10 +267,11 @@ class Outbox:
         if entry in self.entries:
             self.entries.remove(entry)
         try:
-            self.on_finished(self.node, entry, reply)
+            ops = self.on_finished(self.node, entry, reply)
         except Exception:  # noqa: BLE001
             log.exception("outbox completion handler failed for %s", entry.get("kind"))
-        self.node.save_soon()
+            ops = None
+        self.node.save_soon(None if ops is None else [("del", entry_path(entry)), *ops])
         self._tried_url.pop(entry["id"], None)
         future = self._done.pop(entry["id"], None)
         if future is not None and not future.done():
@@ -260,8 +284,12 @@ class Outbox:
         if event is not None:
             event.set()
 
-    def _record_progress(self, entry: dict, reply: Reply) -> None:
-        self.on_progress(self.node, entry, reply)
+    def _record_progress(self, entry: dict, reply: Reply) -> list | None:
+        try:
+            return self.on_progress(self.node, entry, reply)
+        except Exception:  # noqa: BLE001
+            log.exception("outbox progress handler failed for %s", entry.get("kind"))
+            return None
 
     # --- building and sending ------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from darkmatter.mesh.connections import known_03
 from darkmatter.mesh.dispatch import call
+from darkmatter.mesh.outbox import append_op
 from darkmatter.mesh.transport import SMALL
 from darkmatter.wire import ProtocolError, bad, forbidden, now_iso, urls_match, webhook_problem
 
@@ -43,15 +44,19 @@ def advance(node: Node, entry: dict, state: str) -> bool:
     furthest new state. Returns whether anything changed."""
     now = now_iso()
     fresh = None
+    path = ["inbox", {"message_id": entry["message_id"]}]
+    ops = []
     if entry.get("surfaced_at") is None:
         entry["surfaced_at"] = now
         fresh = "surfaced"
+        ops.append(("set", [*path, "surfaced_at"], now))
     if state == "read" and entry.get("read_at") is None:
         entry["read_at"] = now
         fresh = "read"
+        ops.append(("set", [*path, "read_at"], now))
     if fresh is None:
         return False
-    node.save_soon()
+    node.save_soon(ops)  # an entry already removed (answered meanwhile) makes these no-ops at replay
     if node.config.receipts:
         node.spawn(_send(node, entry, fresh), name="receipt")
     node.spawn(node.emit("dm_on_message_seen", message=dict(entry), state=fresh), name="message-seen")
@@ -76,12 +81,12 @@ async def _send(node: Node, entry: dict, state: str) -> None:
         log.info("receipt for %s not sent: the outbox is busy", message_id)
         return
     try:
-        outbox.add("webhook_update", {"type": "receipt", "agent_id": node.agent_id, "state": state},
-                   url=webhook, message_id=message_id)
+        queued = outbox.add("webhook_update", {"type": "receipt", "agent_id": node.agent_id, "state": state},
+                            url=webhook, message_id=message_id)
     except ProtocolError as exc:
         log.info("receipt for %s not sent: %s", message_id, exc.error)
         return
-    node.save_soon()
+    node.save_soon([append_op(queued)])
 
 
 async def owner_protocol(node: Node, entry: dict) -> str | None:
@@ -113,6 +118,7 @@ async def owner_protocol(node: Node, entry: dict) -> str | None:
         else:
             return None
     entry["owner_protocol"] = verdict
+    node.save_soon([("set", ["inbox", {"message_id": entry["message_id"]}, "owner_protocol"], verdict)])
     return verdict
 
 
