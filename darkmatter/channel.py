@@ -101,9 +101,11 @@ class Channel:
 
     ``push(params)`` sends one notification to every session that can receive it and returns how many did."""
 
-    def __init__(self, node: Node, push: Callable[[dict], Awaitable[int]]):
+    def __init__(self, node: Node, push: Callable[[dict], Awaitable[int]],
+                 reachable: Callable[[], bool] | None = None):
         self.node = node
         self._push = push
+        self._reachable = reachable  # is there any session a push could reach now? (None: assume so)
         self._arrival = asyncio.Event()
         self.waiting = 0  # wait_for_message calls blocked right now
         self.pushed = 0  # notifications that reached at least one session
@@ -112,7 +114,9 @@ class Channel:
         """An entry was accepted into the inbox and persisted."""
         event, self._arrival = self._arrival, asyncio.Event()
         event.set()
-        if wants_push(self.node, entry):
+        # NOTE: with no session to push to, building the notification and a task per message was pure waste on
+        # the hot path of every accepted message.
+        if wants_push(self.node, entry) and (self._reachable is None or self._reachable()):
             self.node.spawn(self._deliver(entry), name="channel-push")
 
     async def _deliver(self, entry: dict) -> None:

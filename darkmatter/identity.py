@@ -31,7 +31,10 @@ class Identity:
         return cls(private_key_hex=private_hex.lower(), public_key_hex=public.hex())
 
     def sign(self, text: str) -> str:
-        key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.private_key_hex))
+        key = _PRIVATE.get(self.private_key_hex)
+        if key is None:  # NOTE: loading the key cost as much as signing; keep one per identity
+            key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.private_key_hex))
+            _remember(_PRIVATE, self.private_key_hex, key)
         return key.sign(text.encode("utf-8")).hex()
 
     def __repr__(self) -> str:
@@ -43,11 +46,26 @@ def verify(public_key_hex: str | None, text: str, signature_hex: str | None) -> 
     if not public_key_hex or not signature_hex:
         return False
     try:
-        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
+        key = _PUBLIC.get(public_key_hex)
+        if key is None:
+            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
+            _remember(_PUBLIC, public_key_hex, key)
         key.verify(bytes.fromhex(signature_hex), text.encode("utf-8"))
     except (ValueError, InvalidSignature):
         return False
     return True
+
+
+# Loaded key objects by hex, bounded (a node signs with one key and verifies its connections' keys).
+_KEYS_MAX = 1024
+_PRIVATE: dict[str, Ed25519PrivateKey] = {}
+_PUBLIC: dict[str, Ed25519PublicKey] = {}
+
+
+def _remember(cache: dict, hex_key: str, key: object) -> None:
+    if len(cache) >= _KEYS_MAX:
+        cache.pop(next(iter(cache)))
+    cache[hex_key] = key
 
 
 def keys_match(private_hex: str, public_hex: str) -> bool:

@@ -215,6 +215,9 @@ class ListenStreams:
             send.close()
             return False
 
+    def wants_channel(self) -> bool:
+        return any(self._streams.values())
+
     def push(self, params: dict) -> int:
         """Queue a channel notification on every stream that asked for them; return how many took it."""
         return sum(self._offer(send, _Push(params)) for send, wants in list(self._streams.items()) if wants)
@@ -233,7 +236,7 @@ class McpServer:
         self.node = node
         self.bus = InMemorySubscriptionBus()
         self._listen = ListenStreams(self.bus)
-        self.channel = channel.Channel(node, self.push_channel)
+        self.channel = channel.Channel(node, self.push_channel, self.can_push)
         self._get_streams: collections.Counter[str] = collections.Counter()  # session id -> open GET streams
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
         # Handshake-era connections (stdio and HTTP): key -> (connection, transport kind).
@@ -411,6 +414,11 @@ class McpServer:
             log.exception("publishing list_changed to listen streams failed")
         await asyncio.gather(*(one(c) for c in targets))
         self.notifications_sent += 1
+
+    def can_push(self) -> bool:
+        """Whether any session could take a channel notification now (see :meth:`push_channel`)."""
+        return any(kind == "stdio" or self._get_streams for _, kind in self._legacy.values()) or \
+            self._listen.wants_channel()
 
     async def push_channel(self, params: dict) -> int:
         """Send ``notifications/claude/channel`` with ``params`` to every session that can receive it now:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import ipaddress
 import logging
@@ -158,13 +159,7 @@ class Node:
 
     @property
     def bind_is_loopback(self) -> bool:
-        host = self.config.host.strip("[]")
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return _is_loopback_bind(self.config.host)
 
     @property
     def bind_is_wildcard(self) -> bool:
@@ -378,6 +373,18 @@ class Node:
 
     def normalize(self, url: str) -> str:
         return normalize(url)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_loopback_bind(host: str) -> bool:
+    # NOTE: cached: the mesh guard asks on every request
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _has_loop() -> bool:

@@ -76,20 +76,36 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
             raise ProtocolError(413, "too_large", f"Request body exceeds {limit} bytes")
     app_state = getattr(request.scope.get("app"), "state", None)
     deadline = getattr(app_state, "read_timeout", READ_TIMEOUT)
+    if hasattr(request, "_body"):  # already read by someone else
+        return request._body  # noqa: SLF001
     chunks: list[bytes] = []
     total = 0
+    receive = request.receive
+    # NOTE: the ASGI receive loop itself, not request.stream(): the async generator cost as much as the rest of
+    # reading a small body, on the path of every mesh request.
     try:
         async with asyncio.timeout(deadline):
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                kind = message["type"]
+                if kind == "http.disconnect":
+                    raise ClientDisconnect()
+                if kind != "http.request":
+                    continue
+                chunk = message.get("body", b"")
                 total += len(chunk)
                 if total > limit:
                     raise ProtocolError(413, "too_large", f"Request body exceeds {limit} bytes")
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError:
         raise ProtocolError(408, "invalid_field", f"Request body not received within {deadline:g} s") from None
     except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing to log
         raise ProtocolError(400, "invalid_json", "Request body incomplete: the client disconnected") from None
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    request._body = body  # noqa: SLF001 - what request.body() returns from now on, as after its own read
+    return body
 
 
 async def read_json(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:

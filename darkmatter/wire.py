@@ -5,6 +5,7 @@ Pure functions with no I/O, shared by the kernel and every transport.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -28,6 +29,7 @@ MAX_IMPRESSION = 2000
 FRESH_SECONDS = 300
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f\s]")  # \s on str: exactly what str.isspace() accepts
 _UNRESERVED = re.compile(r"^[A-Za-z0-9\-._~]+$")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 _SELF_CERT = re.compile(r"^[0-9a-f]{64}$")
@@ -66,8 +68,13 @@ def h(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+_H_EMPTY = hashlib.sha256(b"{}").hexdigest()
+
+
 def h_metadata(metadata: Any) -> str:
-    return h(cj(metadata if metadata is not None else {}))
+    if metadata is None or (type(metadata) is dict and not metadata):
+        return _H_EMPTY
+    return h(cj(metadata))
 
 
 # --- strict JSON (§2.1) --------------------------------------------------------------------
@@ -91,12 +98,20 @@ def _check_strings(value: Any, depth: int = 0) -> None:
             _check_strings(v, depth + 1)
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def loads_strict(raw: bytes | str) -> Any:
     """Parse JSON as §2.1 demands, raising ProtocolError(400 invalid_json) on any fault."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        value = json.loads(text, parse_constant=_reject_constant)
-        _check_strings(value)
+        value = _DECODER.decode(text)
+        # NOTE: the walk is only needed when it could find something: a lone surrogate can only come from a
+        # \uD800-\uDFFF escape (the text itself decoded as UTF-8), and nesting deeper than 64 needs more
+        # than 64 opening brackets. Most bodies have neither, and walking them cost more than parsing.
+        if _SURROGATE_ESCAPE.search(text) or text.count("{") + text.count("[") > 64:
+            _check_strings(value)
     except (ValueError, UnicodeError, RecursionError) as exc:
         raise ProtocolError(400, "invalid_json", "Invalid JSON body") from exc
     return value
@@ -248,8 +263,13 @@ def check_url(url: Any, field: str = "url") -> str:
         raise bad(f"Field '{field}' must be a URL")
     if len(url) > MAX_URL:
         raise bad(f"Field '{field}' is longer than {MAX_URL} characters")
-    if _CONTROL.search(url) or any(c.isspace() for c in url):
+    if _CONTROL_OR_SPACE.search(url):
         raise bad(f"Field '{field}' contains whitespace or control characters")
+    _check_url_parts(url, field)
+    return url
+
+
+def _check_url_parts(url: str, field: str):
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -265,7 +285,7 @@ def check_url(url: Any, field: str = "url") -> str:
         raise bad(f"Field '{field}' has an invalid port")
     if parts.netloc.endswith(":"):
         raise bad(f"Field '{field}' has an empty port")
-    return url
+    return parts
 
 
 def _host_for_url(host: str) -> str:
@@ -335,8 +355,10 @@ def valid_host_header(host: Any) -> bool:
     return isinstance(host, str) and any(p.match(host) for p in _HOST_PATTERNS)
 
 
+@functools.lru_cache(maxsize=512)
 def is_loopback_host(host: str) -> bool:
-    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets and port)."""
+    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets and port). Cached: every mesh request
+    on a loopback bind checks its Host header, which is nearly always the same few strings."""
     if not valid_host_header(host) and not valid_host_header(f"[{host}]"):
         return False
     name = host
@@ -359,10 +381,11 @@ def is_loopback_host(host: str) -> bool:
 def webhook_problem(webhook: Any, message_id: str) -> str | None:
     """Return why `webhook` is not a valid webhook for `message_id`, or None if it is."""
     try:
-        check_url(webhook, "webhook")
+        if not isinstance(webhook, str) or not webhook or len(webhook) > MAX_URL or _CONTROL_OR_SPACE.search(webhook):
+            check_url(webhook, "webhook")  # raises with the reason
+        parts = _check_url_parts(webhook, "webhook")
     except ProtocolError as exc:
         return exc.error
-    parts = urlsplit(webhook)
     if parts.query or parts.fragment or "?" in webhook or "#" in webhook:
         return "webhook must not carry a query or fragment"
     path = parts.path
@@ -395,6 +418,8 @@ def check_metadata(value: Any) -> dict:
         return {}
     if not isinstance(value, dict):
         raise bad("Field 'metadata' must be an object")
+    if not value:
+        return value
     if _depth_and_finite(value, 0) > MAX_METADATA_DEPTH:
         raise bad(f"metadata is nested deeper than {MAX_METADATA_DEPTH}")
     if len(cj(value).encode("utf-8")) > MAX_METADATA_BYTES:
@@ -434,8 +459,10 @@ def embedded_v4(ip: ipaddress._BaseAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def classify(address: str) -> str:
-    """``global``, ``local`` (loopback or private) or ``never`` (§7.3)."""
+    """``global``, ``local`` (loopback or private) or ``never`` (§7.3). Cached: a pure function of the address,
+    asked on every outbound request."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:

@@ -9,7 +9,9 @@ import errno
 import json
 import logging
 import os
+import queue
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ class JsonFileStorage:
         self.journal_path = self.path.with_name(self.path.name + ".journal")
         self.recovery = recovery
         self._backup_02 = False
+        self._writer = FileWriter(f"state-{self.path.name}")
 
     def _prepare_dir(self) -> None:
         directory = self.path.parent
@@ -155,6 +158,8 @@ class JsonFileStorage:
     def _append(self, records: bytes) -> None:
         """Append every byte or none: a short write (disk full) is rolled back before the error rises,
         so a record is never acknowledged half-written and later appends never continue a torn line."""
+        # NOTE: opened per append, not kept open: a descriptor opened earlier would keep writing to a file
+        # whose directory has since become read-only, and the error must show while the disk is unwritable.
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
             start = os.fstat(fd).st_size
@@ -174,14 +179,86 @@ class JsonFileStorage:
         finally:
             os.close(fd)
 
+    # Appends and commits never overlap (one writer loop per node) and run on this storage's own writer thread.
     async def append(self, records: bytes) -> None:
-        await asyncio.to_thread(self._append, records)
+        await self._writer.run(self._append, records)
 
     async def commit(self, data: bytes) -> None:
-        await asyncio.to_thread(self._write, data)
+        await self._writer.run(self._write, data)
 
     def close(self) -> None:
-        pass
+        self._writer.stop()
+
+
+class FileWriter:
+    """One thread that runs a storage's blocking writes, one at a time, off the event loop.
+
+    NOTE: the hand-off to the default executor (submit, its idle-thread bookkeeping, chained futures) cost
+    about twice what a plain queue and ``call_soon_threadsafe`` cost, once per acknowledged message when
+    messages come one at a time. The thread starts on first use and ends after ``IDLE`` seconds without work
+    (a process hosting many nodes keeps no idle thread per node)."""
+
+    IDLE = 30.0
+
+    def __init__(self, name: str):
+        self.name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._busy = 0  # jobs queued or running, guarded by _lock
+
+    async def run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._busy += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+                self._thread.start()
+        self._queue.put((loop, future, fn, args))
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._busy == 0:
+                        self._thread = None
+                        return
+                continue
+            if job is None:
+                with self._lock:
+                    if self._busy == 0:
+                        self._thread = None
+                        return
+                continue
+            loop, future, fn, args = job
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc
+            with self._lock:
+                self._busy -= 1
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def stop(self) -> None:
+        """Let the thread end once its queued jobs are done."""
+        if self._thread is not None:
+            self._queue.put(None)
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -3,6 +3,7 @@ and the rule that a change is durable before it is acknowledged (docs/protocol.m
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 from darkmatter import PROTOCOL_VERSION
@@ -21,12 +22,17 @@ HOPS_CAP = 50
 
 
 def version_at_least(version: Any, minimum: str = "0.3") -> bool:
+    have, want = _version(str(version)), _version(minimum)
+    return have is not None and want is not None and have >= want
+
+
+@functools.lru_cache(maxsize=256)
+def _version(text: str) -> tuple[int, ...] | None:
+    # NOTE: cached: every accepted message asks this of its sender's connection (mark_03)
     try:
-        have = tuple(int(p) for p in str(version).split("."))
-        want = tuple(int(p) for p in minimum.split("."))
+        return tuple(int(p) for p in text.split("."))
     except ValueError:
-        return False
-    return have >= want
+        return None
 
 
 def known_03(conn: dict | None) -> bool:
