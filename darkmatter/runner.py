@@ -24,8 +24,6 @@ import socket
 import sys
 from pathlib import Path
 
-import httpx
-
 from darkmatter import banner
 from darkmatter.config import Config, ConfigError
 from darkmatter.node import Node, StartupError
@@ -275,6 +273,8 @@ async def wait_for_owner(exc: StateLocked) -> dict | None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + OWNER_WAIT
     info = exc.info or {}
+    import httpx  # NOTE: only a second process for the same agent needs an HTTP client; keep it off start-up
+
     async with httpx.AsyncClient(trust_env=False, timeout=5.0) as http:
         while loop.time() < deadline:
             if info.get("port"):
@@ -312,8 +312,11 @@ def _lock_held(exc: StateLocked) -> bool:
         os.close(fd)
 
 
-async def owner_answers(http: httpx.AsyncClient, port: int, agent_id: str | None) -> bool | None:
-    """True: the port serves ``agent_id``; False: it serves another agent; None: no answer (yet)."""
+async def owner_answers(http, port: int, agent_id: str | None) -> bool | None:
+    """True: the port serves ``agent_id``; False: it serves another agent; None: no answer (yet). ``http`` is an
+    ``httpx.AsyncClient``."""
+    import httpx
+
     base = f"http://127.0.0.1:{port}"
     for path in ("/.well-known/darkmatter.json", "/__darkmatter__/status"):
         try:

@@ -34,8 +34,7 @@ def dm_register_transports(register, node):
 
 @contextlib.asynccontextmanager
 async def client_lifespan(node):
-    transport = transport_of(node)
-    transport.open()
+    transport = transport_of(node)  # the client itself is made at the first outbound request
     try:
         yield
     finally:

@@ -2,7 +2,8 @@
 
 Registers the ``webrtc`` transport (priority 10, above ``http``), the signed
 ``POST /__darkmatter__/webrtc_offer`` route and the ``darkmatter_upgrade_webrtc`` tool. aiortc is imported
-lazily, off the event loop; without it the route answers 501 and the tool says WebRTC is unavailable.
+lazily, at the first upgrade or offer and off the event loop; without it the route answers 501 and the tool
+says WebRTC is unavailable.
 """
 
 from __future__ import annotations
@@ -94,12 +95,13 @@ def dm_lifespan(node):
         for conn in node.connections.values():
             conn["transport"] = "http"
         manager.running = True
-        preload = node.spawn(manager.rtc(), name="webrtc-import")  # load aiortc off the event loop
+        # NOTE: aiortc (with PyAV and its codecs) is loaded at the first upgrade or offer, off the event loop
+        # (manager.rtc()), not at start: most nodes never open a data channel, and the import was a third of a
+        # node's start-up and memory.
         try:
             yield
         finally:
             manager.running = False
-            preload.cancel()
             await manager.close_all()
 
     return lifespan()
