@@ -105,15 +105,17 @@ def live_status(node: Node) -> list[str]:
 ENGINE = "darkmatter.mcp_engine"
 
 
-async def load_engine_module() -> Any:
-    """Import the SDK side off the event loop (it is the largest import of a node). Concurrent callers share
-    one import; once loaded this returns at once."""
-    import sys
+_engine_module: Any = None
 
-    module = sys.modules.get(ENGINE)
-    if module is not None:
-        return module
-    return await asyncio.to_thread(importlib.import_module, ENGINE)
+
+async def load_engine_module() -> Any:
+    """Import the SDK side off the event loop (it is the largest import of a node). Concurrent callers wait for
+    the same import (the import system's module lock); once loaded this returns at once."""
+    global _engine_module
+    if _engine_module is None:
+        # NOTE: not sys.modules: while another thread imports it, the module is there half initialized
+        _engine_module = await asyncio.to_thread(importlib.import_module, ENGINE)
+    return _engine_module
 
 
 class McpServer:

@@ -164,8 +164,7 @@ def _locked_message(exc: StateLocked) -> str:
 
 
 async def _run_stdio(config: Config) -> int:
-    from darkmatter.relay import Relay, ReplayPipes, StdioPipes
-
+    from darkmatter.stdio import StdioPipes  # NOTE: the relay (and its HTTP client) only when it is needed
     if sys.stdin is None or sys.stdout is None:  # fd 0 or 1 was closed when the process started
         raise StartupError("stdio mode needs an open stdin and stdout; use --transport http to run without them")
     try:
@@ -201,6 +200,8 @@ async def _run_stdio(config: Config) -> int:
                     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
                     log.info("agent %s already runs on port %s (pid %s); relaying MCP to it",
                              str(info.get("agent_id"))[:12], info["port"], info.get("pid"))
+                    from darkmatter.relay import Relay
+
                     relay = Relay(pipes, int(info["port"]), handover, session_token)
                     handover = await _until_stopped(relay.run(), stop)
                     if handover is None or stop.is_set() or session_token:
@@ -210,7 +211,12 @@ async def _run_stdio(config: Config) -> int:
                     continue
                 if handover is None:
                     banner.show(node)  # stderr, and only on a terminal: stdout carries MCP here
-                source = ReplayPipes(pipes, handover) if handover is not None else pipes
+                if handover is not None:
+                    from darkmatter.relay import ReplayPipes
+
+                    source = ReplayPipes(pipes, handover)
+                else:
+                    source = pipes
                 return await _serve_stdio(node, source, stop)
             raise StartupError("the state file keeps being locked and released by other processes; stop them "
                                "or use another DARKMATTER_STATE_FILE")
