@@ -39,6 +39,7 @@ from darkmatter.wire import host_of, is_self_certifying, literal_class, normaliz
 log = logging.getLogger(__name__)
 
 DISCOVERED_MAX = 256
+SAVE_SOON = 0.05  # seconds a save_soon() change may wait for a write to ride on
 DISCOVERED_TTL = 90.0
 
 __all__ = ["Node", "StartupError", "MAX_CONNECTIONS"]
@@ -260,10 +261,11 @@ class Node:
         await self.persister.save(ops)
 
     def save_soon(self, ops: list | None = None) -> None:
-        """Persist without waiting: for changes nobody was promised durability of. ``ops`` as for
-        :meth:`save` (mark them in the same synchronous step as the change)."""
+        """Persist without waiting, within ``SAVE_SOON`` seconds (riding on any write that happens meanwhile):
+        for changes nobody was promised durability of. ``ops`` as for :meth:`save` (mark them in the same
+        synchronous step as the change)."""
         if self.persister is not None:
-            self.persister.mark(ops)
+            self.persister.mark(ops, within=SAVE_SOON)
 
     # --- events and status ----------------------------------------------------------------
 

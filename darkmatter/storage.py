@@ -144,13 +144,18 @@ class Persister:
         self._dirty = 0
         self._durable = 0
         self._writer: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None  # a deferred write (mark(within=...))
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self.commits = 0
         self.appends = 0
         self.error: BaseException | None = None
 
-    def mark(self, ops: list[Op] | None = None) -> int:
-        """Record a change that should reach disk soon, without waiting for it."""
+    def mark(self, ops: list[Op] | None = None, *, within: float = 0.0) -> int:
+        """Record a change that should reach disk soon, without waiting for it.
+
+        ``within`` (seconds) lets the write wait that long for company: the change rides on the next write that
+        happens anyway, or on one started when the time is up. For changes nobody was promised durability of
+        (delivery bookkeeping, read marks), so that they cost no fsync of their own."""
         self._dirty += 1
         if ops is not None and self._journal:
             if not self._full_needed:  # a pending snapshot holds this change anyway
@@ -160,8 +165,19 @@ class Persister:
             self._full_needed = True
             self._pending.clear()
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            if within > 0:
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(within, self._start)
+            else:
+                self._start()
         return self._dirty
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if (self._writer is None or self._writer.done()) and self._durable < self._dirty:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def save(self, ops: list[Op] | None = None) -> None:
         """Return once the current state (including the caller's change) is durable."""
@@ -219,8 +235,10 @@ class Persister:
             self._wake(None)
 
     async def drain(self) -> None:
-        """Wait until every change marked so far is on disk, without asking for a write (returns at once
-        when the last write failed and nothing is being written)."""
+        """Wait until every change marked so far is on disk (a deferred write starts now; returns at once when
+        the last write failed and nothing is being written)."""
+        if self._timer is not None:
+            self._start()
         if self._durable >= self._dirty or self._writer is None or self._writer.done():
             return
         waiter = asyncio.get_running_loop().create_future()
