@@ -3,7 +3,8 @@
 Recipient side. When an inbox message is first *surfaced* (pushed to an agent session as a channel
 notification, returned by ``darkmatter_wait_for_message``, or listed with its content) or *read* (opened with
 ``darkmatter_get_message``), :func:`advance` notes it on the inbox entry (``surfaced_at``, ``read_at``) and
-queues a signed ``receipt`` webhook update through the outbox. Receipts go only to a webhook owner known to
+queues a signed ``receipt`` webhook update through the outbox (a ``surfaced`` receipt after a short grace, and
+not at all when the message was read meanwhile: the ``read`` receipt says both). Receipts go only to a webhook owner known to
 speak 0.3 (a 0.2 owner answers 400 to an update type it does not know), never when
 ``DARKMATTER_RECEIPTS=false``, and never into an outbox that is half full.
 
@@ -33,6 +34,7 @@ STATES = ("surfaced", "read")
 RANK = {"failed": 0, "queued": 1, "delivered": 2, "surfaced": 3, "read": 4, "responded": 5}
 MAX_RECEIPTS = 200
 PROBE_DELAYS = (0.5, 1.0, 2.0, 4.0)  # pauses between asking a webhook owner that cannot tell yet
+SURFACED_GRACE = 0.25  # seconds a "surfaced" receipt waits for the message to be read (then "read" goes alone)
 OUTBOX_ROOM = 250  # receipts are advisory: never queued once the outbox (cap 500, §13.2) is half full
 
 
@@ -68,6 +70,13 @@ async def _send(node: Node, entry: dict, state: str) -> None:
     webhook = entry.get("webhook")
     if webhook_problem(webhook, message_id):
         return
+    if state == "surfaced":
+        # NOTE: a message surfaced (pushed as it arrived) is often read moments later; a receipt carries the
+        # furthest state reached when it goes, as advance() does for a message read before it ever surfaced,
+        # so one "read" receipt then stands for both instead of two webhook posts the owner must persist.
+        await asyncio.sleep(SURFACED_GRACE)
+        if entry.get("read_at") is not None:
+            return  # advance(..., "read") queued the read receipt
     verdict = await owner_protocol(node, entry)
     for delay in PROBE_DELAYS:
         if verdict is not None:
