@@ -126,11 +126,18 @@ class MeshGuard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith(MESH_PREFIXES):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            # NOTE: only two headers matter here; ASGI servers give header names in lowercase
+            origin = False
+            host = ""
+            for name, value in scope["headers"]:
+                if name == b"origin" or name.lower() == b"origin":
+                    origin = True
+                elif name == b"host" or name.lower() == b"host":
+                    host = value.decode("latin-1")
             problem = None
-            if "origin" in headers:
+            if origin:
                 problem = ProtocolError(403, "forbidden", "Browser requests (with an Origin header) are refused")
-            elif self.node.bind_is_loopback and not self._host_ok(headers.get("host", "")):
+            elif self.node.bind_is_loopback and not self._host_ok(host):
                 problem = ProtocolError(421, "misdirected", "Misdirected request: unexpected Host header")
             if problem is not None:
                 await error_response(problem)(scope, receive, send)
