@@ -191,9 +191,9 @@ class Persister:
         await waiter
 
     def _encode_snapshot(self) -> bytes:
-        state = self._snapshot()
-        state[JOURNAL_SEQ_KEY] = self._seq
-        return _dumps(state)
+        # NOTE: the sequence number goes into the written copy only: the live state never changes under a
+        # request because a write (perhaps one deferred by mark(within=...)) happened to run meanwhile.
+        return _dumps({**self._snapshot(), JOURNAL_SEQ_KEY: self._seq})
 
     def _wake(self, error: BaseException | None) -> None:
         """Resolve the waiters whose change is durable now; on an error, fail every waiter."""
