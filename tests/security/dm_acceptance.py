@@ -8,7 +8,7 @@
   answers as the test says (status, redirects, slow drips, huge bodies).
 * :func:`raw_http` — one request as exact bytes on a fresh socket (odd paths, broken headers, bodies).
 * :class:`ResolverLoop` — an event loop whose name resolution the test scripts for chosen names (rebinding).
-* :class:`CountingTransport` — httpx's own transport, counting the body bytes a client actually read.
+* :func:`count_reads` — the body bytes a node's HTTP client actually read, per peer.
 
 Every wait here is bounded in time.
 """
@@ -517,45 +517,25 @@ def resolver() -> ResolverLoop:
 # --- counting what a client read --------------------------------------------------------------------------
 
 
-class CountingTransport(httpx.AsyncHTTPTransport):
-    """httpx's own HTTP transport that counts, per ``host:port``, the body bytes the client pulled out of each
-    response (what it read, not what the server sent or the kernel buffered)."""
+class ReadCounter:
+    """Counts, per ``address:port``, the response body bytes a node's HTTP client took in (what it read, not
+    what the server sent or the kernel buffered), through the pool's observer."""
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self) -> None:
         self.read: collections.Counter[str] = collections.Counter()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await super().handle_async_request(request)
-        key = f"{request.url.host}:{request.url.port}"
-        inner = response.stream
-        counts = self.read
-
-        class Counted(httpx.AsyncByteStream):
-            async def __aiter__(self):
-                async for chunk in inner:
-                    counts[key] += len(chunk)
-                    yield chunk
-
-            async def aclose(self) -> None:
-                await inner.aclose()
-
-        response.stream = Counted()
-        return response
+    def __call__(self, address: str, port: int, n: int) -> None:
+        self.read[f"{address}:{port}"] += n
 
 
-async def count_reads(node) -> CountingTransport:
-    """Give `node`'s outbound HTTP client (http_transport's) a :class:`CountingTransport`, same settings
-    otherwise."""
+async def count_reads(node) -> ReadCounter:
+    """Count what `node`'s outbound HTTP client (http_transport's keep-alive pool, every ``http://`` request)
+    reads from each peer."""
     from darkmatter_http_transport import transport_of
 
-    net = transport_of(node).open()
-    old = net.client
-    transport = CountingTransport()
-    net.client = httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False,
-                                   timeout=old.timeout, headers=old.headers)
-    await old.aclose()
-    return transport
+    counter = ReadCounter()
+    transport_of(node).open().lean.observer = counter
+    return counter
 
 
 def well_known_doc(agent_id: str, public_key_hex: str, url: str) -> dict:

@@ -8,7 +8,7 @@ server on another loopback port shows what actually left the node.
 Every async test here runs on a :class:`dm_acceptance.ResolverLoop`: names under ``.test`` get the addresses
 the test scripts (one list per lookup, so a name can be "rebound" between two lookups) and each lookup is
 counted; every other name goes to the system resolver unchanged. How many bytes the node read from an
-answer is counted by httpx's own transport (:class:`dm_acceptance.CountingTransport`).
+answer is counted by the HTTP client itself (:func:`dm_acceptance.count_reads`).
 """
 
 from __future__ import annotations

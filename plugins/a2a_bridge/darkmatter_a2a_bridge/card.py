@@ -24,16 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from darkmatter.api import __version__
 
+from darkmatter_a2a_bridge.paths import (CARD_PATH, JSONRPC_PATH, JSONRPC_SUBPATH,  # noqa: F401 - re-exported
+                                         LEGACY_CARD_PATH, MOUNT, REST_PATH, REST_SUBPATH)
 from darkmatter_a2a_bridge.settings import Settings
 
 A2A_VERSION = "1.0"
-MOUNT = "/a2a"  # everything A2A but the card lives under this path
-JSONRPC_SUBPATH = "/jsonrpc"
-REST_SUBPATH = "/rest"
-JSONRPC_PATH = MOUNT + JSONRPC_SUBPATH
-REST_PATH = MOUNT + REST_SUBPATH
-CARD_PATH = "/.well-known/agent-card.json"
-LEGACY_CARD_PATH = "/.well-known/agent.json"
 HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
 SIGNATURE_ALGORITHMS = ["EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 

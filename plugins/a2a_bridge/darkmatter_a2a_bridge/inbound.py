@@ -40,6 +40,7 @@ from starlette.routing import Route, Router
 from darkmatter.api import MAX_BODY, ProtocolError, client_ip, external_message, is_loopback_host, read_body
 
 from darkmatter_a2a_bridge import card as cards
+from darkmatter_a2a_bridge.paths import TRANSPORT  # noqa: F401 - the inbox transport of A2A messages (re-exported)
 from darkmatter_a2a_bridge.settings import Settings
 from darkmatter_a2a_bridge.store import (CALLER_KEY, INTERNAL, OPEN, TERMINAL, Caller, LocalEventStream,
                                          NodeTaskStore, caller_of, state_name)
@@ -49,7 +50,6 @@ log = logging.getLogger("darkmatter_a2a_bridge")
 MAX_CONTENT_BYTES = 65536
 CHANGE_WAIT = 15.0  # how long an agent-side change waits for the task's executor to record it
 PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
-TRANSPORT = "a2a"
 
 
 def message_text(message: Message) -> str:

@@ -27,7 +27,7 @@ from a2a.types import (AgentCard, GetTaskRequest, Message, Part, Role, SendMessa
 from a2a.utils.constants import TransportProtocol
 from a2a.utils.errors import A2AError
 
-from darkmatter.api import ProtocolError, Tool, ToolError, __version__, call, integer, normalize, now_iso, string
+from darkmatter.api import ProtocolError, ToolError, __version__, call, normalize, now_iso
 
 from darkmatter_a2a_bridge import card as cards
 from darkmatter_a2a_bridge.store import state_name
@@ -279,20 +279,3 @@ async def get_task(node: Any, args: dict, session: Any) -> dict:
         except (OutboundRefused, A2AError, httpx.HTTPError) as exc:
             raise _explain(exc, url) from None
     return {**summary(task, wait), "agent": info}
-
-
-TOOLS = [
-    Tool("darkmatter_a2a_send", "Send a message to an A2A agent (any framework that speaks A2A) and wait for "
-         "its answer. Give the agent's URL (its base URL or its agent card's URL); its card is fetched and "
-         "checked (a signed card must verify). Returns the answer, or the task_id to follow with "
-         "darkmatter_a2a_get_task when it is not done within wait_seconds.", send,
-         {"url": string("The A2A agent's URL, e.g. https://agent.example.com", max_length=2048, min_length=1),
-          "text": string("The message text.", min_length=1, max_length=65536),
-          "wait_seconds": integer("How long to wait for the answer.", minimum=0, maximum=300, default=30)},
-         ("url", "text"), open_world=True, title="Call an A2A agent"),
-    Tool("darkmatter_a2a_get_task", "The state and answer of a task darkmatter_a2a_send started with an A2A "
-         "agent; optionally wait for it to finish.", get_task,
-         {"task_id": string("The task_id darkmatter_a2a_send returned.", min_length=1, max_length=256),
-          "wait_seconds": integer("How long to wait for it to finish.", minimum=0, maximum=300, default=0)},
-         ("task_id",), read_only=True, open_world=True, title="Follow an A2A task"),
-]

@@ -242,6 +242,9 @@ class LeanPool:
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._active = asyncio.Semaphore(MAX_ACTIVE)
+        # Called as observer(address, port, n) for every n bytes of a response body the pool took in (tests
+        # measure what the read cap lets through with it); None: nothing is called.
+        self.observer: Callable[[str, int, int], None] | None = None
 
     def close(self) -> None:
         for conns in self._idle.values():
@@ -287,7 +290,7 @@ class LeanPool:
             if conn is not None:
                 try:
                     return self._settle(key, conn, await self._exchange(conn, method, target, headers, content,
-                                                                        max_bytes))
+                                                                        max_bytes, key))
                 except _Stale:
                     # NOTE: the peer closed this idle connection as it was taken (its FIN not yet seen): nothing
                     # of an answer came back, so the request goes once more, on a new connection.
@@ -297,7 +300,7 @@ class LeanPool:
                     raise
             conn = await self._connect(address, port, connect_timeout)
             try:
-                result = await self._exchange(conn, method, target, headers, content, max_bytes)
+                result = await self._exchange(conn, method, target, headers, content, max_bytes, key)
             except _Stale:
                 conn.close()
                 raise _Broken("the peer closed the connection before answering") from None
@@ -317,7 +320,8 @@ class LeanPool:
         return result
 
     async def _exchange(self, conn: _Connection, method: str, target: str, headers: dict[str, str],
-                        content: bytes | None, max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+                        content: bytes | None, max_bytes: int,
+                        key: tuple[str, int]) -> tuple[int, dict[str, str], bytes]:
         http = conn.http
         fields = [("User-Agent", USER_AGENT), *headers.items()]
         if content is not None:
@@ -347,6 +351,8 @@ class LeanPool:
                         raise _TooLarge()
                 elif isinstance(event, h11.Data):
                     total += len(event.data)
+                    if self.observer is not None:
+                        self.observer(key[0], key[1], len(event.data))
                     if total > max_bytes:
                         raise _TooLarge()
                     chunks.append(bytes(event.data))
