@@ -15,11 +15,12 @@ from darkmatter.config import Config, ConfigError
 from darkmatter.discovery import DiscoverySource
 from darkmatter.identity import (Identity, peer_update_string, v1_string, v2_beacon, v2_message, v2_string,
                                  v2_webhook_update, verify)
+from darkmatter.mesh.checks import rate_key
 from darkmatter.mesh.connections import agent_url_for, known_03, mark_03
 from darkmatter.mesh.dispatch import call, check, deliver
 from darkmatter.mesh.healing import broadcast_peer_update, fetch_well_known, recover
 from darkmatter.mesh.inbound import (REFUSED_WHEN_INACTIVE, ROUTES, external_message, handle, inactive_check,
-                                     rate_key, route_of)
+                                     route_of)
 from darkmatter.mesh.outbound import (ask_impression, disconnect, expire_message, forward_message,
                                       request_connection, respond_connection, respond_message, send_message)
 from darkmatter.mesh.transport import LARGE, SMALL, Blocked, Caller, Reply, Transport, TransportUnavailable

@@ -10,7 +10,7 @@ from darkmatter.mesh import outbound as actions
 from darkmatter.mesh import receipts
 from darkmatter.mesh.connections import MAX_CONNECTIONS
 from darkmatter.mesh.healing import fetch_well_known
-from darkmatter.mesh.inbound import hops_remaining
+from darkmatter.mesh.webhooks import hops_remaining
 from darkmatter.tools import Tool, ToolError, boolean, integer, obj, string
 from darkmatter.wire import MAX_CONTENT_BYTES, MAX_IMPRESSION, MAX_NOTE, ProtocolError, check_url, normalize
 

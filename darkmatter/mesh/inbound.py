@@ -12,88 +12,26 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from darkmatter import PROTOCOL_VERSION
-from darkmatter.mesh import admission, receipts
-from darkmatter.identity import peer_update_string, v1_string, v2_message, v2_string, v2_webhook_update, verify
-from darkmatter.mesh import healing
+from darkmatter.identity import peer_update_string, v1_string, v2_message, v2_string, verify
+from darkmatter.mesh import admission, healing
+from darkmatter.mesh.checks import (check_peer_url, check_signed, optional_key, optional_sig, rate_key,
+                                    self_certifying_rules)
 from darkmatter.mesh.connections import (HOPS_CAP, MAX_CONNECTIONS, MAX_PENDING_IN, PENDING_TTL, accept_body,
                                          add_notice, drop_connection, inactive_check, known_03, mark_03,
                                          new_connection, persist, save_failed, version_at_least, agent_url_for)
-from darkmatter.mesh.dispatch import transport_for
 from darkmatter.mesh.transport import Caller
-from darkmatter.wire import (MAX_BIO, MAX_NAME, MAX_NOTE, ProtocolError, age_seconds, bad, check_content,
-                             check_hex, check_id, check_message_id, check_metadata, check_url, forbidden,
-                             get_int, get_str, h, host_of, is_fresh, is_self_certifying, literal_class,
-                             new_message_id, new_request_id, normalize, now_iso, origin_key, parse_ts, require,
-                             truncate, valid_host_header, webhook_problem)
+from darkmatter.mesh.webhooks import webhook_get, webhook_post
+from darkmatter.wire import (MAX_BIO, MAX_NAME, MAX_NOTE, ProtocolError, age_seconds, bad, check_content, check_hex,
+                             check_id, check_message_id, check_metadata, forbidden, get_int, get_str, is_fresh,
+                             is_self_certifying, new_message_id, new_request_id, now_iso, origin_key, parse_ts,
+                             require, truncate, webhook_problem)
 
 if TYPE_CHECKING:
     from darkmatter.node import Node
 
-MAX_UPDATES = 200
-MAX_RESPONSES = 50
-MAX_UNVERIFIED_RESPONSES = 10  # §5.6: their own cap, so unverified answers never crowd out a verified one
-MAX_UNVERIFIED_UPDATES = 20  # the same for unsigned (0.2) forwarded/expired updates
 SEEN_MIN_AGE = 600
 SEEN_MAX_AGE = 24 * 3600
 SEEN_MAX = 10000
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def check_peer_url(node: Node, value: Any, field_name: str) -> str:
-    """A peer URL (§2.6): valid, normalized, reachable by one of this node's transports, and not a literal
-    address of the 'never' class."""
-    url = normalize(check_url(value, field_name))
-    if literal_class(host_of(url)) == "never":
-        raise bad(f"Field '{field_name}' points to an address that is never allowed")
-    if transport_for(node, url) is None:
-        raise bad(f"Field '{field_name}' uses a URL scheme this node has no transport for")
-    return url
-
-
-def optional_key(body: dict, name: str) -> str | None:
-    value = body.get(name)
-    if value in (None, ""):
-        return None
-    return check_hex(value, name, 64)
-
-
-def optional_sig(body: dict, name: str = "signature_v2_hex") -> str | None:
-    value = body.get(name)
-    if value in (None, ""):
-        return None
-    return check_hex(value, name, 128)
-
-
-def check_signed(key: str | None, text: str, signature: str | None, timestamp: Any) -> None:
-    """Fresh timestamp and valid signature, else 403 with the §2.2 code."""
-    if not is_fresh(timestamp):
-        raise forbidden("Stale or missing timestamp", "stale_timestamp")
-    if not key or not verify(key, text, signature):
-        raise forbidden("Invalid signature", "invalid_signature")
-
-
-def self_certifying_rules(agent_id: str, key: str | None, signature: str | None) -> None:
-    """§3.2/§4.3: a 64-hex id must equal its key and must sign."""
-    if is_self_certifying(agent_id):
-        if key is not None and key != agent_id:
-            raise forbidden("Public key mismatch: a self-certifying agent_id must equal its key", "key_mismatch")
-        if signature is None:
-            raise forbidden("Signature required for a self-certifying agent_id", "signature_required")
-
-
-def rate_key(caller: Caller, claimed: Any) -> tuple[str, float]:
-    """§13.1: loopback sources are keyed by the claimed agent id, else get ten times the capacity. §2.1: a
-    proxied request is keyed by the client a trusted proxy names, else shares one bucket with every other
-    proxied request (a claimed id or header is no key: anyone can mint them)."""
-    if caller.proxied:
-        return ("ip:" + caller.forwarded_for, 1.0) if caller.forwarded_for else ("proxied", 1.0)
-    if caller.is_loopback:
-        if isinstance(claimed, str) and claimed:
-            return "id:" + claimed[:128], 1.0
-        return "ip:" + caller.ip, 10.0
-    return "ip:" + caller.ip, 1.0
 
 
 # --- handshake (§4.3–§4.6) -------------------------------------------------------------------------
@@ -431,6 +369,28 @@ def remember(node: Node, message_id: str) -> None:
         node.seen_prune_at = len(ids) + 500
 
 
+def admit(node: Node, sender: str) -> tuple[list, InboxIndex]:
+    """§13.1 and §13.2 for one more inbox message from ``sender``: its rate limit and the node's, the inbox
+    cap and one sender's half of it. Returns the inbox and its index."""
+    node.rate.check("message_peer", sender)
+    node.rate.check("message_node")
+    inbox = node.state["inbox"]
+    if len(inbox) >= node.config.inbox_max:
+        raise ProtocolError(429, "capacity", "Message queue full")
+    index = inbox_index(node)
+    if index.senders.get(sender, 0) >= max(1, node.config.inbox_max // 2):
+        raise ProtocolError(429, "capacity", "Message queue full for this sender")
+    return inbox, index
+
+
+def enqueue(node: Node, inbox: list, index: InboxIndex, entry: dict) -> None:
+    """Append an admitted entry to the inbox, keep the index current and remember its id (not yet durable)."""
+    inbox.append(entry)
+    index.add(entry)
+    index.key = InboxIndex.fingerprint(inbox)
+    remember(node, entry["message_id"])
+
+
 async def message(node: Node, body: dict, caller: Caller) -> dict:
     inactive_check(node)
     require(body, "message_id", "webhook", "from_agent_id")
@@ -456,24 +416,14 @@ async def message(node: Node, body: dict, caller: Caller) -> dict:
     verified, sig_version = verify_message(node, body, conn)
     if seen(node, message_id):
         return {"success": True, "duplicate": True}
-    node.rate.check("message_peer", sender)
-    node.rate.check("message_node")
-    inbox = node.state["inbox"]
-    if len(inbox) >= node.config.inbox_max:
-        raise ProtocolError(429, "capacity", "Message queue full")
-    index = inbox_index(node)
-    if index.senders.get(sender, 0) >= max(1, node.config.inbox_max // 2):
-        raise ProtocolError(429, "capacity", "Message queue full for this sender")
+    inbox, index = admit(node, sender)
     entry = {"message_id": message_id, "content": body["content"], "webhook": body["webhook"],
              "hops_remaining": min(hops, HOPS_CAP), "from_agent_id": sender, "metadata": metadata,
              "received_at": now_iso(), "verified": verified, "signature_version": sig_version,
              "forwarded_to": [], "transport": caller.transport}
     counters = (node.state.get("messages_handled", 0), {k: conn.get(k) for k in (
         "messages_received", "last_activity", "health_failures")})
-    inbox.append(entry)
-    index.add(entry)
-    index.key = InboxIndex.fingerprint(inbox)
-    remember(node, message_id)
+    enqueue(node, inbox, index, entry)
     node.state["messages_handled"] = node.state.get("messages_handled", 0) + 1
     conn["messages_received"] = conn.get("messages_received", 0) + 1
     conn["last_activity"] = now_iso()
@@ -512,23 +462,13 @@ async def external_message(node: Node, sender: str, content: Any, metadata: Any 
         raise bad(f"An outside sender's id must start with '{transport}:'")
     check_content(content)
     metadata = check_metadata(metadata)
-    node.rate.check("message_peer", sender)
-    node.rate.check("message_node")
-    inbox = node.state["inbox"]
-    if len(inbox) >= node.config.inbox_max:
-        raise ProtocolError(429, "capacity", "Message queue full")
-    index = inbox_index(node)
-    if index.senders.get(sender, 0) >= max(1, node.config.inbox_max // 2):
-        raise ProtocolError(429, "capacity", "Message queue full for this sender")
+    inbox, index = admit(node, sender)
     message_id = new_message_id()
     entry = {"message_id": message_id, "content": content, "webhook": None, "hops_remaining": 0,
              "from_agent_id": sender, "metadata": metadata, "received_at": now_iso(), "verified": False,
              "signature_version": None, "forwarded_to": [], "transport": transport, "outside_mesh": True}
     handled = node.state.get("messages_handled", 0)
-    inbox.append(entry)
-    index.add(entry)
-    index.key = InboxIndex.fingerprint(inbox)
-    remember(node, message_id)
+    enqueue(node, inbox, index, entry)
     node.state["messages_handled"] = handled + 1
 
     def undo() -> None:
@@ -541,152 +481,6 @@ async def external_message(node: Node, sender: str, content: Any, metadata: Any 
                               ("set", ["messages_handled"], node.state["messages_handled"])])
     await node.emit("dm_on_message_received", message=entry)
     return entry
-
-
-# --- webhooks (§5.6, §5.7) ------------------------------------------------------------------------
-
-
-def _sent(node: Node, message_id: str) -> dict:
-    check_message_id(message_id)
-    sent = node.state["sent_messages"].get(message_id)
-    if sent is None:
-        raise ProtocolError(404, "unknown_message", f"No sent message with ID '{message_id}'")
-    return sent
-
-
-async def webhook_post(node: Node, message_id: str, body: dict, caller: Caller) -> dict:
-    key, scale = rate_key(caller, body.get("agent_id"))
-    node.rate.check("webhook_ip", key, scale)
-    sent = _sent(node, message_id)
-    update_type = body.get("type")
-    if update_type not in ("forwarded", "expired", "response", "receipt"):
-        raise bad(f"Unknown update type: '{str(update_type)[:64]}'")
-    require(body, "agent_id")
-    agent_id = check_id(body["agent_id"], "agent_id")
-    text = receipts.check(sent, body, agent_id) if update_type == "receipt" else None  # §5.8: state is the text
-    target = body.get("target_agent_id")
-    if target not in (None, ""):
-        target = check_id(target, "target_agent_id")
-    note = get_str(body, "note", max_len=MAX_NOTE)
-    metadata: dict = {}
-    if update_type == "response":
-        if "response" not in body or body["response"] is None:
-            raise ProtocolError(400, "missing_fields", "Missing required fields: response")
-        text = check_content(body["response"], "response")
-        metadata = check_metadata(body.get("metadata"))
-    timestamp = get_str(body, "timestamp", max_len=64)
-    presented = optional_key(body, "from_public_key_hex")
-    sig2 = optional_sig(body)
-    sig1 = optional_sig(body, "signature_hex")
-    # §5.6 step 2: a signature proves who wrote an update, not that they ever held the message.
-    if agent_id not in receipts.route(sent):
-        raise forbidden("Not on this message's route", "not_on_route")
-    key = node.key_of(agent_id)
-    verified = False
-    if presented is not None and key is not None and presented != key:
-        raise forbidden("Public key mismatch", "key_mismatch")
-    if sig2 is not None and key is not None:
-        check_signed(key, v2_webhook_update(message_id, update_type, agent_id, target, timestamp,
-                                            text if update_type in ("response", "receipt") else note, metadata),
-                     sig2, timestamp)
-        verified = True
-    elif update_type == "response" and sig1 is not None and key is not None:
-        check_signed(key, v1_string(agent_id, message_id, timestamp, text), sig1, timestamp)
-        verified = True
-    elif is_self_certifying(agent_id) or known_03(node.connections.get(agent_id)):
-        raise forbidden("Signature required", "signature_required")
-
-    if update_type == "receipt":
-        return await receipts.record(node, sent, agent_id, text, timestamp, verified)
-    status = sent.get("status", "active")
-    if update_type == "response":
-        digest = h(text)
-        if any(r.get("agent_id") == agent_id and h(r.get("response") or "") == digest for r in sent["responses"]):
-            return {"success": True, "duplicate": True, "recorded": "response", "verified": verified,
-                    "status": status}
-        # §5.6 caps: unverified responses have their own small cap, so they never crowd out a verified one
-        cap, label = (MAX_RESPONSES, "verified") if verified else (MAX_UNVERIFIED_RESPONSES, "unverified")
-        if sum(1 for r in sent["responses"] if bool(r.get("verified")) == verified) >= cap:
-            raise ProtocolError(429, "capacity", f"Too many {label} responses for this message")
-        after_expiry = status == "expired"
-        record = {"agent_id": agent_id, "response": text, "metadata": metadata, "timestamp": now_iso(),
-                  "sent_at": timestamp, "verified": verified, "after_expiry": after_expiry}
-        sent["responses"].append(record)
-        live = [r for r in sent["responses"] if not r.get("after_expiry")]
-        sent["response"] = next((r for r in live if r.get("verified")), None) or (live[0] if live else None)
-        # an unverified response marks the message responded only while no verified one exists
-        if not after_expiry and status == "active" and (verified or not any(
-                r.get("verified") for r in sent["responses"] if r is not record)):
-            sent["status"] = "responded"
-        conn = node.connections.get(agent_id)
-        if conn is not None and verified:
-            conn["health_failures"] = 0
-
-        def undo_response() -> None:
-            if record in sent["responses"]:
-                sent["responses"].remove(record)
-            live_now = [r for r in sent["responses"] if not r.get("after_expiry")]
-            sent["response"] = next((r for r in live_now if r.get("verified")), None) or (
-                live_now[0] if live_now else None)
-            sent["status"] = status
-        path = ["sent_messages", message_id]
-        ops = [("append", [*path, "responses"], record), ("set", [*path, "response"], sent["response"]),
-               ("set", [*path, "status"], sent["status"])]
-        if conn is not None and verified:
-            ops.append(("set", ["connections", agent_id, "health_failures"], 0))
-        await persist(node, undo_response, ops)
-        await node.emit("dm_on_response_received", sent_message=sent, response=record)
-    else:
-        for u in sent["updates"]:
-            same = u.get("type") == update_type and u.get("agent_id") == agent_id
-            if same and (update_type == "expired" or u.get("target_agent_id") == target):
-                return {"success": True, "duplicate": True, "recorded": update_type, "verified": verified,
-                        "status": status}
-        cap, label = (MAX_UPDATES, "") if verified else (MAX_UNVERIFIED_UPDATES, "unverified ")
-        if sum(1 for u in sent["updates"] if bool(u.get("verified")) == verified) >= cap:
-            raise ProtocolError(429, "capacity", f"Too many {label}updates for this message")
-        record = {"type": update_type, "agent_id": agent_id, "note": note, "timestamp": now_iso(),
-                  "sent_at": timestamp, "verified": verified}
-        if update_type == "forwarded":
-            record["target_agent_id"] = target
-        sent["updates"].append(record)
-        await persist(node, lambda: record in sent["updates"] and sent["updates"].remove(record),
-                      [("append", ["sent_messages", message_id, "updates"], record)])
-        node.changed()
-    return {"success": True, "recorded": update_type, "verified": verified, "status": sent["status"]}
-
-
-def hops_remaining(sent: dict) -> int:
-    """§5.7: initial hops minus the longest recorded forwarding chain."""
-    initial = int(sent.get("initial_hops") or 0)
-    depth = {r: 0 for r in sent.get("routed_to", [])}
-    edges = [(u.get("agent_id"), u.get("target_agent_id")) for u in sent.get("updates", [])
-             if u.get("type") == "forwarded" and u.get("target_agent_id")]
-    for _ in range(min(initial, HOPS_CAP)):
-        changed = False
-        for x, y in edges:
-            d = min(depth.get(x, 0) + 1, initial)
-            if d > depth.get(y, -1):
-                depth[y] = d
-                changed = True
-        if not changed:
-            break
-    return max(0, initial - max(depth.values(), default=0))
-
-
-def webhook_status(node: Node, sent: dict) -> dict:
-    return {"message_id": sent["message_id"], "status": sent.get("status", "active"),
-            "initial_hops": sent.get("initial_hops"), "hops_remaining": hops_remaining(sent),
-            "created_at": sent.get("created_at"), "origin_agent_id": node.agent_id,
-            "routed_to": list(sent.get("routed_to", [])), "response_count": len(sent.get("responses", [])),
-            "updates": [{k: u.get(k) for k in ("type", "agent_id", "target_agent_id", "timestamp", "sent_at",
-                                                  "verified") if k in u or k != "target_agent_id"}
-                        for u in sent.get("updates", [])]}
-
-
-async def webhook_get(node: Node, message_id: str, caller: Caller) -> dict:
-    node.rate.check("get_ip", *rate_key(caller, caller.headers.get("x-darkmatter-agent-id")))
-    return webhook_status(node, _sent(node, message_id))
 
 
 # --- status, network info, lookups (§4.8–§4.10, §8.3) ---------------------------------------------
