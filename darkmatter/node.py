@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import socket
 from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 import pluggy
 
@@ -34,7 +35,8 @@ from darkmatter.ratelimit import RateLimiter, overrides_from_env
 from darkmatter.state import GENERIC_BIO
 from darkmatter.storage import Persister, Storage
 from darkmatter.tools import Tool
-from darkmatter.wire import host_of, is_self_certifying, literal_class, normalize, now_iso, urls_match
+from darkmatter.wire import (host_of, is_loopback_host, is_self_certifying, literal_class, normalize, now_iso,
+                             urls_match)
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,18 @@ class Node:
             return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         lan = self.state.get("lan_url")
         return lan or f"http://127.0.0.1:{self.port}"
+
+    def host_expected(self, host: str) -> bool:
+        """§2.1: whether a request to this node, bound to loopback, may carry ``host`` as its Host header: a
+        loopback name, or the host of DARKMATTER_PUBLIC_URL (a reverse proxy in front). Anything else is a
+        misdirected request (DNS rebinding)."""
+        if is_loopback_host(host):
+            return True
+        public = self.config.public_url
+        if public:
+            parts = urlsplit(public)
+            return host.lower() in (parts.netloc.lower(), (parts.hostname or "").lower())
+        return False
 
     def own_base_urls(self) -> list[str]:
         urls = [self.base_url, f"http://127.0.0.1:{self.port}", f"http://localhost:{self.port}",

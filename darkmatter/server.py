@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from darkmatter.errors import StartupError
-from darkmatter.wire import MAX_BODY, ProtocolError, is_loopback_host, loads_object
+from darkmatter.wire import MAX_BODY, ProtocolError, loads_object
 
 if TYPE_CHECKING:
     from darkmatter.node import Node
@@ -137,23 +137,12 @@ class MeshGuard:
             problem = None
             if origin:
                 problem = ProtocolError(403, "forbidden", "Browser requests (with an Origin header) are refused")
-            elif self.node.bind_is_loopback and not self._host_ok(host):
+            elif self.node.bind_is_loopback and not self.node.host_expected(host):
                 problem = ProtocolError(421, "misdirected", "Misdirected request: unexpected Host header")
             if problem is not None:
                 await error_response(problem)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-    def _host_ok(self, host: str) -> bool:
-        if is_loopback_host(host):
-            return True
-        public = self.node.config.public_url
-        if public:
-            from urllib.parse import urlsplit
-
-            parts = urlsplit(public)
-            return host.lower() in (parts.netloc.lower(), (parts.hostname or "").lower())
-        return False
 
 
 def build_app(node: Node) -> Any:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from darkmatter import PROTOCOL_VERSION
 from darkmatter.identity import v2_string, verify
 from darkmatter.mesh.connections import (HOPS_CAP, MAX_CONNECTIONS, MAX_PENDING_OUT, accept_body, agent_url_for,
-                                         drop_connection, known_03, mark_03, new_connection, version_at_least)
+                                         drop_connection, mark_03, new_connection, version_at_least)
 from darkmatter.mesh.dispatch import call, check
 from darkmatter.mesh.healing import fetch_well_known
 from darkmatter.mesh.outbox import append_op

@@ -383,23 +383,12 @@ class Bridge:
             given.strip().encode(), token.encode())
         return Caller(ip=ip, loopback=loopback, proxied=proxied, token=has_token)
 
-    def _host_ok(self, host: str) -> bool:
-        if is_loopback_host(host):
-            return True
-        public = self.node.config.public_url
-        if public:
-            from urllib.parse import urlsplit
-
-            parts = urlsplit(public)
-            return host.lower() in (parts.netloc.lower(), (parts.hostname or "").lower())
-        return False
-
     def refusal(self, scope: dict, headers: dict[str, str], caller: Caller) -> tuple | None:
         """Why an A2A request is refused before it reaches the SDK: (HTTP status, code, text[, retry_after]),
         or None."""
         if "origin" in headers:
             return 403, "forbidden", "Browser requests (with an Origin header) are refused"
-        if self.node.bind_is_loopback and not self._host_ok(headers.get("host", "")):
+        if self.node.bind_is_loopback and not self.node.host_expected(headers.get("host", "")):
             return 421, "misdirected", "Misdirected request: unexpected Host header"
         mode = self.settings.inbound
         if mode == "off":
