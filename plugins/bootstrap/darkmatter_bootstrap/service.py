@@ -1,6 +1,10 @@
 """The node's bootstrap service (docs/protocol.md §4.11): its packages, prepared once per start off the
 event loop, and the routes ``/bootstrap``, ``/bootstrap/server.py`` and ``/bootstrap/packages/{file}``.
 
+Packing the wheels costs CPU, so it never competes with start-up: it begins :data:`PREPARE_AFTER` seconds
+after the node started, or at once when something asks for the packages first (a request to one of the
+routes, or ``darkmatter_get_server_template``), which then waits up to :data:`REQUEST_WAIT` seconds for it.
+
 ``/bootstrap`` is rendered per request; the only request-derived value in it is the origin URL, which is
 the §4.2 Host-derived URL when it passes :data:`SAFE_ORIGIN` (else the node's own base URL) and is
 single-quoted like every other embedded value. ``/bootstrap/server.py`` is rendered once, from the node's
@@ -29,6 +33,8 @@ from darkmatter_bootstrap.wheels import Package, build_packages
 log = logging.getLogger(__name__)
 
 NAME = "bootstrap"  # the plugin's name: its key in node.plugin_state
+PREPARE_AFTER = 3.0  # seconds after start before the packages are packed, unless asked for earlier
+REQUEST_WAIT = 15.0  # how long a request for the packages waits for them before answering "pending"
 SAFE_ORIGIN = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
 
 
@@ -42,6 +48,25 @@ class Bootstrap:
         self.packages: dict[str, Package] = {}
         self.server_py = b""
         self.server_py_sha256 = ""
+        self._task: asyncio.Task | None = None  # the preparation of the current run, once begun
+
+    def reset(self) -> None:
+        """A new run: nothing prepared, nothing begun."""
+        self.status, self.error, self.packages = "pending", None, {}
+        self._task = None
+
+    def begin(self, node) -> asyncio.Task:
+        """Begin preparing the packages now, once per run; the task that does it."""
+        if self._task is None:
+            self._task = node.spawn(self.prepare(node), name="bootstrap-packages")
+        return self._task
+
+    async def settled(self, node, timeout: float = REQUEST_WAIT) -> str:
+        """Begin preparing if nothing did yet, wait up to ``timeout`` seconds for it, and return the status."""
+        if self.status == "pending":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.begin(node)), timeout)
+        return self.status
 
     @property
     def ordered(self) -> list[Package]:
@@ -72,12 +97,18 @@ def state_of(node) -> Bootstrap:
 
 @contextlib.asynccontextmanager
 async def lifespan(node):
-    """Packs the wheels in the background when bootstrap is enabled (DARKMATTER_BOOTSTRAP)."""
+    """Packs the wheels in the background, :data:`PREPARE_AFTER` seconds after start (or at the first request
+    for them), when bootstrap is enabled (DARKMATTER_BOOTSTRAP)."""
     if node.config.bootstrap:
         state = state_of(node)
-        state.status, state.error, state.packages = "pending", None, {}
-        node.spawn(state.prepare(node), name="bootstrap-packages")
+        state.reset()
+        node.spawn(_begin_later(node, state), name="bootstrap-timer")
     yield
+
+
+async def _begin_later(node, state: Bootstrap) -> None:
+    await asyncio.sleep(PREPARE_AFTER)
+    state.begin(node)
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -119,7 +150,7 @@ def build_routes(node) -> list[Route]:
         refused = limited(caller)
         if refused is not None:
             return refused
-        if state.status != "ready":
+        if await state.settled(node) != "ready":
             return unready("sh", text)
         body = scripts.render_script(origin_for(node, caller), state.ordered)
         return Response(body, media_type=text, headers={"Cache-Control": "no-store"})
@@ -128,7 +159,7 @@ def build_routes(node) -> list[Route]:
         refused = limited(caller_of(request))
         if refused is not None:
             return refused
-        if state.status != "ready":
+        if await state.settled(node) != "ready":
             return unready("py", python)
         return Response(state.server_py, media_type=python,
                         headers={"X-DarkMatter-Source-SHA256": state.server_py_sha256})
@@ -137,7 +168,7 @@ def build_routes(node) -> list[Route]:
         refused = limited(caller_of(request))
         if refused is not None:
             return refused
-        pkg = state.packages.get(request.path_params["file"]) if state.status == "ready" else None
+        pkg = state.packages.get(request.path_params["file"]) if await state.settled(node) == "ready" else None
         if pkg is None:
             return error_response(not_found)
         return Response(pkg.data, media_type="application/octet-stream",

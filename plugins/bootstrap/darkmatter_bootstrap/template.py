@@ -8,6 +8,8 @@ from darkmatter.api import PROTOCOL_VERSION, Tool, __version__
 
 from darkmatter_bootstrap.service import state_of
 
+TOOL_WAIT = 10.0  # how long darkmatter_get_server_template waits for the packages before saying "pending"
+
 PRIMITIVES = [
     {"name": "connect", "tool": "darkmatter_request_connection", "endpoint": "POST /__darkmatter__/connection_request",
      "summary": "Ask a node (by URL) for a connection; a genesis node accepts at once, others queue the request "
@@ -68,6 +70,8 @@ def template(node) -> dict:
 
 
 async def _template_handler(node, args: dict, session) -> dict:
+    if node.config.bootstrap:
+        await state_of(node).settled(node, TOOL_WAIT)  # the packages are packed at the first ask, if not yet
     result = template(node)
     # the original implementation's keys (protocol 0.2), beside the new ones
     source = state_of(node).server_py

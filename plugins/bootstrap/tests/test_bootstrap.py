@@ -56,12 +56,15 @@ def wheel_names(node) -> set[str]:
 
 
 async def ready(node, timeout: float = 60.0) -> service.Bootstrap:
+    """The node's bootstrap state once its packages are prepared (asking for them begins the packing, as a
+    request to the routes does)."""
     state = service.state_of(node)
-    for _ in range(int(timeout / 0.05)):
-        if state.status != "pending":
-            break
-        await asyncio.sleep(0.05)
+    await state.settled(node, timeout)
     return state
+
+
+def packing_begun(node) -> bool:
+    return any(task.get_name() == "bootstrap-packages" for task in node.tasks)
 
 
 async def raw_get(port: int, path: str, host: str | None = None, extra: tuple[str, ...] = ()):
@@ -123,6 +126,27 @@ async def run(*argv: str, env: dict, stdin: bytes = b"", timeout: float = 60.0) 
 
 
 # --- packages, script, launcher --------------------------------------------------------------------
+
+
+async def test_packing_waits_until_after_start_up_or_the_first_request(tmp_path):
+    """Packing the wheels never competes with start-up: nothing is packed in the first PREPARE_AFTER seconds
+    unless asked for; a request then gets the script (it begins the packing and waits for it), and a node
+    nobody asks packs on its own after PREPARE_AFTER."""
+    async with node_context(tmp_path / "a") as asked, node_context(tmp_path / "b") as idle, \
+            client(asked) as http:
+        started = time.monotonic()
+        await asyncio.sleep(0.3)
+        assert service.state_of(asked).status == "pending" and not packing_begun(asked)
+        assert not packing_begun(idle)
+        reply = await http.get("/bootstrap")
+        assert reply.status_code == 200 and set(fetch_lines(reply.text)) == wheel_names(asked)
+        if time.monotonic() - started < service.PREPARE_AFTER:
+            assert not packing_begun(idle) and service.state_of(idle).status == "pending"
+        for _ in range(int((service.PREPARE_AFTER + 60) / 0.05)):
+            if service.state_of(idle).status != "pending":
+                break
+            await asyncio.sleep(0.05)
+        assert service.state_of(idle).status == "ready", service.state_of(idle).error
 
 
 async def test_node_serves_its_kernel_and_plugin_wheels_with_the_hashes_in_the_script(tmp_path):
