@@ -178,8 +178,11 @@ def _hypercorn_config(node: Node) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     # NOTE: hypercorn's idle timer (keep_alive_timeout) runs from connection start until a request's headers
-    # are complete, so it also bounds slow headers; read_body bounds the body.
-    config.read_timeout = read_timeout(node)
+    # are complete, so it also bounds slow headers; read_body bounds the body. hypercorn's own read_timeout
+    # stays off: it closes a connection whose client sent nothing for that long, even while the answer is
+    # still being worked on -- a long-poll tool call over /mcp (darkmatter_wait_for_message, up to 300 s) or
+    # an SSE stream would be cut after DARKMATTER_HTTP_READ_TIMEOUT seconds.
+    config.read_timeout = None
     config.keep_alive_timeout = read_timeout(node)
     config.graceful_timeout = 2
     config.h11_max_incomplete_size = 64 * 1024

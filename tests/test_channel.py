@@ -291,6 +291,29 @@ async def test_wait_returns_when_a_message_arrives(tmp_path):
         assert b.mcp.channel.waiting == 0
 
 
+async def test_a_wait_over_http_outlives_the_read_timeout(tmp_path):
+    """A long poll over /mcp is a request whose client sends nothing until the answer comes: the node's read
+    timeout (DARKMATTER_HTTP_READ_TIMEOUT, for slow clients) must not cut it. A message arriving after twice
+    that timeout still reaches the waiting call, and a wait longer than it ends cleanly."""
+    async with mesh(tmp_path, 2, DARKMATTER_HTTP_READ_TIMEOUT="1") as (a, b), mcp_client(b) as c:
+        results: list = []
+
+        async def wait() -> None:
+            results.append(await call(c, "darkmatter_wait_for_message", timeout_seconds=60))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait)
+            await wait_until(lambda: b.mcp.channel.waiting == 1)
+            await anyio.sleep(2.5)  # well past the 1 s read timeout, with nothing sent by the client
+            sent = await actions.send_message(a, "still there?", b.agent_id)
+            await wait_until(lambda: results, timeout=20)
+        assert results[0]["timed_out"] is False
+        assert [m["message_id"] for m in results[0]["messages"]] == [sent["message_id"]]
+        await call(c, "darkmatter_get_message", message_id=sent["message_id"])
+        empty = await call(c, "darkmatter_wait_for_message", timeout_seconds=3)
+        assert empty["timed_out"] is True and empty["messages"] == []
+
+
 async def test_wait_returns_unread_messages_at_once_and_read_ones_no_more(tmp_path):
     async with mesh(tmp_path, 2) as (a, b), mcp_client(b) as c:
         sent = await actions.send_message(a, "already here", b.agent_id)
