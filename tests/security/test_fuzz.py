@@ -438,6 +438,11 @@ def test_broken_http_framing_is_refused_cleanly(ctx):
             assert body == b"" and headers.get("connection") == "close", (name, data[:300])
         elif want == "status":
             assert json.loads(body)["agent_id"] == ctx.node.agent_id, (name, body[:200])
+        elif len(body) < length:
+            # "a body cut short": the client's end of stream is what tells the node the body is incomplete, and
+            # hypercorn stops writing to a connection whose client closed its side -- sometimes between the
+            # head and the body of the 400. The refusal itself (status, unchanged state) is never in doubt.
+            assert want == "invalid_json" and headers.get("content-type") == "application/json", (name, data[:300])
         else:
             answer = json.loads(body)
             assert answer["code"] == want and isinstance(answer["error"], str), (name, body[:200])
