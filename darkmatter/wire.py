@@ -107,10 +107,12 @@ def loads_strict(raw: bytes | str) -> Any:
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         value = _DECODER.decode(text)
-        # NOTE: the walk is only needed when it could find something: a lone surrogate can only come from a
-        # \uD800-\uDFFF escape (the text itself decoded as UTF-8), and nesting deeper than 64 needs more
-        # than 64 opening brackets. Most bodies have neither, and walking them cost more than parsing.
-        if _SURROGATE_ESCAPE.search(text) or text.count("{") + text.count("[") > 64:
+        # NOTE: the walk is only needed when it could find something: in text decoded here as UTF-8 a lone
+        # surrogate can only come from a \uD800-\uDFFF escape (a str given by the caller may hold one
+        # itself, so it is always walked), and nesting deeper than 64 needs more than 64 opening brackets.
+        # Most bodies have neither, and walking them cost more than parsing.
+        if (text is raw or _SURROGATE_ESCAPE.search(text)
+                or text.count("{") + text.count("[") > 64):
             _check_strings(value)
     except (ValueError, UnicodeError, RecursionError) as exc:
         raise ProtocolError(400, "invalid_json", "Invalid JSON body") from exc
