@@ -25,6 +25,7 @@ from mcp.client.streamable_http import streamable_http_client
 from darkmatter import channel
 from darkmatter.mesh import outbound as actions
 from darkmatter.testing import ChannelListener, RawPeer, env_for_tests, mesh, node_context
+from darkmatter.testing.harness import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -53,13 +54,6 @@ async def call(session: Client, name: str, **args) -> dict:
     result = await session.call_tool(name, args)
     assert not result.is_error, result.content[0].text
     return result.structured_content
-
-
-async def wait_until(predicate, timeout: float = 10.0):
-    with anyio.fail_after(timeout):
-        while not (value := predicate()):
-            await anyio.sleep(0.02)
-    return value
 
 
 @contextlib.asynccontextmanager
@@ -93,11 +87,11 @@ def ack_recorder():
 async def open_channel(node, session: Client, mode: str = "legacy"):
     """Wait until the node can push to the session: its GET stream (2025) or a listen stream (2026) is open."""
     if mode == "legacy":
-        await wait_until(lambda: node.mcp.sessions()["http_streams"])
+        await wait_for(lambda: node.mcp.sessions()["http_streams"])
         yield
         return
     async with channel_stream(session):
-        await wait_until(lambda: any(node.mcp._listen._streams.values()))
+        await wait_for(lambda: any(node.mcp._listen._streams.values()))
         yield
 
 
@@ -187,9 +181,9 @@ async def _unverified_then_verified(tmp_path, mode: str) -> tuple[list, list, ob
                 reply = await raw.post(b, "/__darkmatter__/message", raw.message(b, "unsigned words"))
                 assert reply.status_code == 200 and b.state["inbox"][-1]["verified"] is False
                 # The session's stream works: the arrival's list_changed comes through (after any channel push).
-                await wait_until(lambda: changes)
+                await wait_for(lambda: changes)
                 await actions.send_message(a, "signed words", b.agent_id)
-                await wait_until(lambda: len(changes) >= 2)
+                await wait_for(lambda: len(changes) >= 2)
             return listener.received, experimental, b
 
 
@@ -226,14 +220,14 @@ async def test_stdio_session_gets_channel_notifications(tmp_path, mode):
             stream = channel_stream(c) if mode == "auto" else contextlib.nullcontext()
             async with stream:
                 if mode == "auto":  # the node acknowledged the stream, with the channel key
-                    honored = await wait_until(lambda: acks)
+                    honored = await wait_for(lambda: acks)
                     assert honored[0].model_extra == {channel.LISTEN_KEY: True}
                 sent = await actions.send_message(peer, "Ping over stdio", me["agent_id"])
                 params = await listener.next(timeout=10)
                 assert_channel_shape(params, message_id=sent["message_id"], sender=peer.agent_id,
                                      text="Ping over stdio", verified=True, hops=10)
                 record = peer.state["sent_messages"][sent["message_id"]]
-                await wait_until(lambda: receipt_states(record) == ["surfaced"])
+                await wait_for(lambda: receipt_states(record) == ["surfaced"])
 
 
 def receipt_states(record: dict) -> list[str]:
@@ -255,7 +249,7 @@ async def test_a_relayed_stdio_session_gets_the_channel_notifications_too(tmp_pa
             stream = channel_stream(relayed) if mode == "auto" else contextlib.nullcontext()
             async with stream:
                 if mode == "auto":
-                    await wait_until(lambda: acks)
+                    await wait_for(lambda: acks)
                 else:  # the relay is an HTTP session of the owner: wait until its standalone stream is open
                     with anyio.fail_after(10):
                         while (await call(owner, "darkmatter_status"))["mcp_sessions"]["http_streams"] < 1:
@@ -281,9 +275,9 @@ async def test_wait_returns_when_a_message_arrives(tmp_path):
 
         async with anyio.create_task_group() as group:
             group.start_soon(wait)
-            await wait_until(lambda: b.mcp.channel.waiting == 1)
+            await wait_for(lambda: b.mcp.channel.waiting == 1)
             sent = await actions.send_message(a, "wake up", b.agent_id)
-            await wait_until(lambda: results, timeout=10)
+            await wait_for(lambda: results, timeout=10)
         result = results[0]
         assert result["timed_out"] is False
         assert [(m["message_id"], m["content"], m["unread"]) for m in result["messages"]] == [
@@ -303,10 +297,10 @@ async def test_a_wait_over_http_outlives_the_read_timeout(tmp_path):
 
         async with anyio.create_task_group() as group:
             group.start_soon(wait)
-            await wait_until(lambda: b.mcp.channel.waiting == 1)
+            await wait_for(lambda: b.mcp.channel.waiting == 1)
             await anyio.sleep(2.5)  # well past the 1 s read timeout, with nothing sent by the client
             sent = await actions.send_message(a, "still there?", b.agent_id)
-            await wait_until(lambda: results, timeout=20)
+            await wait_for(lambda: results, timeout=20)
         assert results[0]["timed_out"] is False
         assert [m["message_id"] for m in results[0]["messages"]] == [sent["message_id"]]
         await call(c, "darkmatter_get_message", message_id=sent["message_id"])
@@ -349,9 +343,9 @@ async def test_two_waiters_both_return(tmp_path, mode):
             group.start_soon(wait, "one", one)
             group.start_soon(wait, "two", two)
             group.start_soon(wait, "one again", one)  # two calls in flight on one session as well
-            await wait_until(lambda: b.mcp.channel.waiting == 3)
+            await wait_for(lambda: b.mcp.channel.waiting == 3)
             sent = await actions.send_message(a, "for everyone", b.agent_id)
-            await wait_until(lambda: len(results) == 3, timeout=10)
+            await wait_for(lambda: len(results) == 3, timeout=10)
         for result in results.values():
             assert [m["message_id"] for m in result["messages"]] == [sent["message_id"]]
 
@@ -366,12 +360,12 @@ async def test_wait_filters_by_sender(tmp_path):
 
         async with anyio.create_task_group() as group:
             group.start_soon(wait)
-            await wait_until(lambda: b.mcp.channel.waiting == 1)
+            await wait_for(lambda: b.mcp.channel.waiting == 1)
             await actions.send_message(a, "from a", b.agent_id)
             await call(session, "darkmatter_list_inbox")  # the arrival from A has been handled...
             assert not results and b.mcp.channel.waiting == 1  # ...and the filtered wait goes on
             sent = await actions.send_message(c, "from c", b.agent_id)
-            await wait_until(lambda: results, timeout=10)
+            await wait_for(lambda: results, timeout=10)
         assert [(m["message_id"], m["from_agent_id"]) for m in results[0]["messages"]] == [
             (sent["message_id"], c.agent_id)]
 
@@ -380,7 +374,7 @@ async def test_a_cancelled_wait_leaves_nothing_behind(tmp_path):
     async with mesh(tmp_path, 2) as (a, b), mcp_client(b) as c:
         with anyio.move_on_after(1):
             await c.call_tool("darkmatter_wait_for_message", {"timeout_seconds": 300})
-        await wait_until(lambda: b.mcp.channel.waiting == 0)  # the client's cancel reached the node
+        await wait_for(lambda: b.mcp.channel.waiting == 0)  # the client's cancel reached the node
         sent = await actions.send_message(a, "after the cancel", b.agent_id)
         result = await call(c, "darkmatter_wait_for_message", timeout_seconds=60)
         assert [m["message_id"] for m in result["messages"]] == [sent["message_id"]]

@@ -21,6 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from darkmatter.mesh import outbound as actions
 from darkmatter.identity import v2_webhook_update
 from darkmatter.testing import ChannelListener, RawPeer, client, mesh, node_context
+from darkmatter.testing.harness import wait_for
 from darkmatter.wire import now_iso
 
 pytestmark = pytest.mark.anyio
@@ -37,13 +38,6 @@ async def call(session: Client, name: str, **args) -> dict:
     result = await session.call_tool(name, args)
     assert not result.is_error, result.content[0].text
     return result.structured_content
-
-
-async def wait_until(predicate, timeout: float = 10.0):
-    with anyio.fail_after(timeout):
-        while not (value := predicate()):
-            await anyio.sleep(0.02)
-    return value
 
 
 async def state_seen_by_sender(session: Client, message_id: str, recipient: str, state: str) -> dict:
@@ -73,7 +67,7 @@ async def test_sender_sees_delivered_then_surfaced_read_and_responded(tmp_path):
 
         listener = ChannelListener()
         async with mcp_client(b, listener) as recipient:
-            await wait_until(lambda: b.mcp.sessions()["http_streams"])
+            await wait_for(lambda: b.mcp.sessions()["http_streams"])
             # A second message is pushed to B's session as it arrives: surfaced without any tool call.
             second = (await call(sender, "darkmatter_send_message", content="Also: lunch?",
                                  target_agent_id=b.agent_id))["message_id"]
@@ -99,7 +93,7 @@ async def test_sender_sees_delivered_then_surfaced_read_and_responded(tmp_path):
         async with mcp_client(b) as again:
             await call(again, "darkmatter_list_inbox")
             await call(again, "darkmatter_wait_for_message", timeout_seconds=0)
-        await wait_until(lambda: not b.outbox.entries)
+        await wait_for(lambda: not b.outbox.entries)
         assert [r["state"] for r in a.state["sent_messages"][second]["receipts"]] == ["surfaced"]
 
 
@@ -142,7 +136,7 @@ async def test_a_02_originator_gets_no_receipt_updates(tmp_path):
         assert (await old.connect(b, sign=False))["auto_accepted"] is True
         listener = ChannelListener()
         async with mcp_client(b, listener) as recipient:
-            await wait_until(lambda: b.mcp.sessions()["http_streams"])
+            await wait_for(lambda: b.mcp.sessions()["http_streams"])
             body = old.message(b, "A question from a 0.2 node", v2=False)
             reply = await old.post(b, "/__darkmatter__/message", body)
             assert reply.status_code == 200
@@ -155,7 +149,7 @@ async def test_a_02_originator_gets_no_receipt_updates(tmp_path):
             # The 0.3 originator hears about it; the 0.2 one must not (it would answer 400).
             await state_seen_by_sender(sender, modern, b.agent_id, "read")
             await call(recipient, "darkmatter_respond_message", message_id=body["message_id"], response="Here.")
-            await wait_until(lambda: webhook.requests and not b.outbox.entries)
+            await wait_for(lambda: webhook.requests and not b.outbox.entries)
         assert [(method, path, sent["type"]) for method, path, sent in webhook.requests] == [
             ("POST", f"/__darkmatter__/webhook/{body['message_id']}", "response")]
 
@@ -166,7 +160,7 @@ async def test_receipts_false_sends_none(tmp_path):
         await actions.request_connection(a, b.base_url)
         listener = ChannelListener()
         async with mcp_client(b, listener) as recipient:
-            await wait_until(lambda: b.mcp.sessions()["http_streams"])
+            await wait_for(lambda: b.mcp.sessions()["http_streams"])
             mid = (await call(sender, "darkmatter_send_message", content="Quiet, please.",
                               target_agent_id=b.agent_id))["message_id"]
             await listener.next()
@@ -174,7 +168,7 @@ async def test_receipts_false_sends_none(tmp_path):
             assert opened["unread"] is False  # B still keeps its own read state
             await call(recipient, "darkmatter_respond_message", message_id=mid, response="Sure.")
         view = await state_seen_by_sender(sender, mid, b.agent_id, "responded")
-        await wait_until(lambda: not b.outbox.entries)
+        await wait_for(lambda: not b.outbox.entries)
         assert "receipts" not in a.state["sent_messages"][mid] and view["receipts"] == []
 
 
@@ -236,7 +230,7 @@ async def test_a_forwarded_message_reports_each_hop(tmp_path):
     async with mesh(tmp_path, 3) as (a, b, c), mcp_client(a) as sender, mcp_client(c) as third:
         mid = (await call(sender, "darkmatter_send_message", content="Who knows Rust lifetimes?",
                           target_agent_id=b.agent_id))["message_id"]
-        await wait_until(lambda: b.state["inbox"])
+        await wait_for(lambda: b.state["inbox"])
         forwarded = await actions.forward_message(b, mid, c.agent_id, note="C wrote a book on it")
         assert forwarded["delivery"] == "delivered"
         # C reads at once, possibly before B's forwarded update reached A: C asks the webhook until A shows C
