@@ -21,6 +21,7 @@ import click
 
 from darkmatter import PROTOCOL_VERSION, __version__
 from darkmatter.config import ConfigError, Config
+from darkmatter.control import no_node_answers
 from darkmatter.plugins import PluginError
 from darkmatter.state import StateError, StateLocked
 
@@ -190,8 +191,7 @@ def status(port: int | None, as_json: bool) -> None:
         with httpx.Client(trust_env=False, timeout=5.0, follow_redirects=False) as http:
             reply = http.get(url)
     except httpx.TransportError as exc:
-        _fail(f"no DarkMatter node answers on 127.0.0.1:{port} ({type(exc).__name__}); start one with "
-              f"`darkmatter run --port {port}`", EXIT_FAILURE)
+        _fail(no_node_answers(port, exc), EXIT_FAILURE)
     try:
         body = reply.json()
     except ValueError:

@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Iterable
 import click
 
 from darkmatter.config import Config, ConfigError
+from darkmatter.control import no_node_answers
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -597,8 +598,7 @@ def ui(no_browser: bool, port: int | None) -> None:
         with httpx.Client(trust_env=False, timeout=10.0, follow_redirects=False) as http:
             reply = http.get(url)
     except httpx.TransportError as exc:
-        fail(f"no DarkMatter node answers on 127.0.0.1:{port} ({type(exc).__name__}); start one with "
-             f"`darkmatter run --port {port}`", EXIT_FAILURE)
+        fail(no_node_answers(port, exc), EXIT_FAILURE)
     if reply.status_code == 404:
         fail(f"the node on 127.0.0.1:{port} serves no console: the console plugin is not loaded "
              f"(`darkmatter plugins` lists what is installed)", EXIT_FAILURE)

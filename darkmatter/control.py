@@ -19,6 +19,12 @@ class Unreachable(Exception):
     """No DarkMatter node answers on the port (or what answers is not one)."""
 
 
+def no_node_answers(port: int, problem: BaseException) -> str:
+    """The one-line error of every CLI command that found nothing listening on the node's port."""
+    return (f"no DarkMatter node answers on 127.0.0.1:{port} ({type(problem).__name__}); start one with "
+            f"`darkmatter run --port {port}`")
+
+
 class Refused(Exception):
     """The node answered the tool call with an error (``isError``): the text says why."""
 
@@ -78,8 +84,7 @@ class LocalNode:
         where = f"127.0.0.1:{self.port}"
         problem = _transport_error(exc)
         if problem is not None:
-            return Unreachable(f"no DarkMatter node answers on {where} ({type(problem).__name__}); start one with "
-                               f"`darkmatter run --port {self.port}`")
+            return Unreachable(no_node_answers(self.port, problem))
         detail = exc
         while isinstance(detail, BaseExceptionGroup) and detail.exceptions:
             detail = detail.exceptions[0]
