@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
-import ipaddress
 import logging
 import socket
 from typing import Any, Callable, Iterable
@@ -162,7 +160,7 @@ class Node:
 
     @property
     def bind_is_loopback(self) -> bool:
-        return _is_loopback_bind(self.config.host)
+        return is_loopback_host(self.config.host)
 
     @property
     def bind_is_wildcard(self) -> bool:
@@ -389,18 +387,6 @@ class Node:
 
     def normalize(self, url: str) -> str:
         return normalize(url)
-
-
-@functools.lru_cache(maxsize=64)
-def _is_loopback_bind(host: str) -> bool:
-    # NOTE: cached: the mesh guard asks on every request
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _has_loop() -> bool:
