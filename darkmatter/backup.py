@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from darkmatter.identity import Identity
-from darkmatter.state import StateError, make_private_dir
+from darkmatter.state import StateError, make_private_dir, open_private
+from darkmatter.wire import now_iso
 
 FORMAT = "darkmatter-identity-backup"
 
@@ -30,11 +31,6 @@ def backup_path(state_file: Path | str, env: dict | None = None) -> Path:
         return Path(given).expanduser()
     state = Path(state_file).expanduser()
     return state.with_name(state.name.removesuffix(".json") + ".identity-backup.json")
-
-
-def open_private(path: Path, flags: int) -> int:
-    """``os.open`` that never follows a symlink at ``path`` and creates files 0600 (§12.3, issue 14)."""
-    return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
 
 
 def read_private_json(path: Path) -> Any:
@@ -69,7 +65,7 @@ def write_backup(path: Path, identity: Identity) -> bool:
         return False
     data = json.dumps({"format": FORMAT, "agent_id": identity.public_key_hex,
                        "public_key_hex": identity.public_key_hex, "private_key_hex": identity.private_key_hex,
-                       "created_at": datetime.now(timezone.utc).isoformat()}, indent=2).encode() + b"\n"
+                       "created_at": now_iso()}, indent=2).encode() + b"\n"
     try:
         make_private_dir(path.parent)
         fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)

@@ -21,7 +21,7 @@ from darkmatter.identity import Identity
 from darkmatter.mcp import McpServer
 from darkmatter.mesh import outbound
 from darkmatter.mesh.outbox import Outbox
-from darkmatter.state import StateError, StateLock, apply_overrides, migrate, new_state
+from darkmatter.state import StateError, StateLock, apply_overrides, migrate, new_state, open_private
 from darkmatter.storage import Persister, Storage
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def read_token(node: Node) -> str:
     """The bearer token of ``/mcp`` for non-loopback clients (§12.3), kept 0600 beside the state file."""
     path = Path(str(node.config.state_file).removesuffix(".json") + ".token")
     try:  # never through a symlink planted at the path (O_NOFOLLOW: ELOOP)
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "r") as f:
+        with os.fdopen(open_private(path, os.O_RDONLY), "r") as f:
             token = f.read(256).strip()
             if len(token) == 64:
                 if os.fstat(f.fileno()).st_mode & 0o077:
@@ -53,7 +53,7 @@ def read_token(node: Node) -> str:
     except FileNotFoundError:
         pass
     token = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:
         os.fchmod(f.fileno(), 0o600)
         f.write(token + "\n")

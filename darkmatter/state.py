@@ -211,6 +211,11 @@ def corrupt_copy_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.corrupt-{stamp}")
 
 
+def open_private(path: Path, flags: int) -> int:
+    """``os.open`` that never follows a symlink at ``path`` and creates files 0600 (§12.3)."""
+    return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+
+
 def make_private_dir(directory: Path) -> None:
     """Create `directory` and any missing parents with mode 0700, whatever the umask (§11.1)."""
     missing = []
