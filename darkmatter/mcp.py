@@ -339,7 +339,7 @@ class McpServer:
     async def serve_stdio(self, stdin=None, stdout=None) -> None:
         """Serve one MCP session over stdio until the client closes stdin.
 
-        ``stdin``/``stdout`` are async line sources/sinks (see ``darkmatter.relay.StdioPipes``); by default the
+        ``stdin``/``stdout`` are async line sources/sinks (see ``darkmatter.stdio.StdioPipes``); by default the
         SDK's own (fd 0 and 1)."""
         engine = await self.ensure_engine()
         await engine.serve_stdio(stdin, stdout)

@@ -1,6 +1,6 @@
 """The relay of a second stdio session (docs/protocol.md §12.4).
 
-``StdioPipes`` (:mod:`darkmatter.stdio`, re-exported here) gives async line I/O on the process's stdin and
+``StdioPipes`` (:mod:`darkmatter.stdio`) gives async line I/O on the process's stdin and
 stdout.
 
 ``Relay`` is what a stdio process does when another process already runs this agent: it forwards MCP
@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator
 import httpx
 
 from darkmatter import __version__
-from darkmatter.stdio import StdioPipes  # noqa: F401 - re-exported (it lived here)
+from darkmatter.stdio import StdioPipes
 
 log = logging.getLogger(__name__)
 
