@@ -307,6 +307,62 @@ async def test_plugin_route_is_served_on_the_node_port(tmp_path):
     assert reply.json() == {"plugin": "alpha", "agent_id": node.agent_id}
 
 
+class FaultyRoutesPlugin:
+    """Plain mesh routes (answered by the kernel's direct path) that fail, and one shadowed by an earlier
+    route with a path parameter (which Starlette's router would pick, so the direct path must too)."""
+
+    name = "faulty"
+
+    @hookimpl
+    def dm_register_routes(self, register, node):
+        from darkmatter.wire import ProtocolError
+
+        async def refuses(request):
+            raise ProtocolError(429, "capacity", "Too much")
+
+        async def breaks(request):
+            raise RuntimeError("secret detail")
+
+        async def by_param(request):
+            return JSONResponse({"answered_by": "param", "name": request.path_params["name"]})
+
+        async def exact(request):
+            return JSONResponse({"answered_by": "exact"})
+
+        register(Route("/__darkmatter__/x-refuses", refuses, methods=["POST"]))
+        register(Route("/__darkmatter__/x-breaks", breaks, methods=["GET"]))
+        register(Route("/__darkmatter__/x-shadow/{name}", by_param, methods=["GET"]))
+        register(Route("/__darkmatter__/x-shadow/exact", exact, methods=["GET", "POST"]))
+
+
+@pytest.mark.anyio
+async def test_plain_routes_answered_directly_keep_the_apps_error_answers_and_route_order(tmp_path, caplog):
+    from darkmatter.server import direct_routes
+
+    async with node_context(tmp_path, plugins="", extra=[FaultyRoutesPlugin()]) as node:
+        direct = direct_routes(list(node.routes))
+        async with client(node) as http:
+            refused = await http.post("/__darkmatter__/x-refuses", content=b"{}")
+            with caplog.at_level(logging.ERROR, logger="darkmatter.server"):
+                broken = await http.get("/__darkmatter__/x-breaks")
+            head = await http.head("/__darkmatter__/x-breaks")
+            shadowed = await http.get("/__darkmatter__/x-shadow/exact")
+            posted = await http.post("/__darkmatter__/x-shadow/exact")
+            wrong_method = await http.get("/__darkmatter__/x-refuses")
+    assert ("POST", "/__darkmatter__/x-refuses") in direct and ("GET", "/__darkmatter__/x-breaks") in direct
+    assert ("HEAD", "/__darkmatter__/x-breaks") not in direct
+    assert ("GET", "/__darkmatter__/x-shadow/exact") not in direct  # the param route comes first for GET
+    assert ("POST", "/__darkmatter__/x-shadow/exact") in direct  # ... but does not take POST
+    assert (refused.status_code, refused.json()["code"]) == (429, "capacity")
+    assert broken.status_code == 503 and broken.json() == {"error": "Internal error", "code": "unavailable"}
+    assert "secret detail" not in broken.text
+    assert any("unhandled error on GET /__darkmatter__/x-breaks" in r.getMessage() for r in caplog.records)
+    assert head.status_code == 503  # HEAD goes through Starlette's router: the same handler answers
+    assert shadowed.json() == {"answered_by": "param", "name": "exact"}
+    assert posted.json() == {"answered_by": "exact"}
+    assert (wrong_method.status_code, wrong_method.json()["code"]) == (405, "method_not_allowed")
+
+
 class MemoryStorage:
     name = "memory"
 
