@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import sys
 from typing import TYPE_CHECKING, Any
 
 from darkmatter.api import LARGE, Reply
@@ -27,14 +26,19 @@ class HttpTransport:
     def open(self) -> Net:
         """The pooled client (made now if it was not yet)."""
         if self.net is None:
-            module = sys.modules.get(CLIENT) or importlib.import_module(CLIENT)
+            # NOTE: import_module, not sys.modules: while another thread imports the client (the first
+            # request of this or another node in the process), sys.modules holds it half initialized, and
+            # import_module waits for that import to finish.
+            module = importlib.import_module(CLIENT)
             self.net = module.Net(self.node.is_local, self.node.known_origin)
         return self.net
 
     async def client(self) -> Net:
         """The pooled client, made at the first outbound request: a node that is only ever asked starts and idles
-        without httpx, and the first request imports it off the event loop."""
-        if self.net is None and CLIENT not in sys.modules:
+        without httpx, and the first request imports it off the event loop (requests that start meanwhile
+        wait for the same import in their own thread; a check of sys.modules let them take a half-imported
+        module: AttributeError on a node's first two concurrent requests)."""
+        if self.net is None:
             await asyncio.to_thread(importlib.import_module, CLIENT)
         return self.open()
 

@@ -120,3 +120,74 @@ async def test_a_peer_that_accepts_and_closes_at_once_is_a_reset_not_a_hang():
     finally:
         server.close()
         await client.aclose()
+
+
+FIRST_REQUESTS = r'''
+import asyncio, importlib.abc, importlib.util, sys, tempfile, time
+from pathlib import Path
+from darkmatter.testing import make_node
+from darkmatter_http_transport import transport_of
+
+CLIENT = "darkmatter_http_transport.client"
+
+
+class SlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds the client module as usual, but executes it 0.3 s late: the window in which sys.modules holds
+    it half initialized, as on a loaded machine, made wide enough to hit."""
+
+    def find_spec(self, name, path, target=None):
+        if name != CLIENT:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        self.real = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+
+    def exec_module(self, module):
+        time.sleep(0.3)
+        self.real.exec_module(module)
+
+
+sys.meta_path.insert(0, SlowImport())
+
+async def main():
+    node = make_node(Path(tempfile.mkdtemp()), plugins="http_transport")
+    transport = transport_of(node)
+    assert CLIENT not in sys.modules, "the client module must not be loaded before the first request"
+    tasks, half_loaded = [], 0
+    for _ in range(400):  # one first request every millisecond until the import is done (at most 400)
+        tasks.append(asyncio.ensure_future(transport.check("http://127.0.0.1:9/x", False)))
+        await asyncio.sleep(0.001)
+        module = sys.modules.get(CLIENT)
+        if module is not None and not hasattr(module, "Net"):
+            half_loaded += 1
+        if transport.net is not None:
+            break
+    failures = [repr(e) for e in await asyncio.gather(*tasks, return_exceptions=True) if e is not None]
+    print(len(tasks), half_loaded, failures)
+
+asyncio.run(main())
+'''
+
+
+def test_requests_made_while_the_client_is_still_being_imported_wait_for_it(tmp_path):
+    """The client module loads at the first request, in a thread; requests started meanwhile (while
+    sys.modules holds it half initialized) wait for that import instead of failing with AttributeError."""
+    import subprocess
+    import sys
+
+    from darkmatter.testing import env_for_tests
+
+    done = subprocess.run([sys.executable, "-c", FIRST_REQUESTS], capture_output=True, text=True, timeout=120,
+                          env=env_for_tests(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    started, half_loaded, failures = done.stdout.strip().rsplit("\n", 1)[-1].split(" ", 2)
+    assert int(started) > 1 and int(half_loaded) >= 1, done.stdout  # some started while it was half loaded
+    assert failures == "[]", failures
