@@ -340,17 +340,11 @@ async def forward_message(node: Node, message_id: str, target_agent_id: str, not
                "note": note}
     out = node.outbox.add("forward", payload, target_agent_id=target_agent_id, message_id=message_id)
     await node.save([append_op(out)])  # the first attempt runs meanwhile
-    started = time.monotonic()
+    # NOTE: the call returns once the target has the message (§5.3: it reports `delivery`). The `forwarded`
+    # update is queued on delivery and its first attempt starts at once, but the call does not wait for it:
+    # that was one more round trip (and the owner's fsync) on every forward. An answer from the target that
+    # reaches the owner first is refused `not_on_route` and retried shortly (outbox.ROUTE_RACE_FIRST_RETRY).
     state = await node.outbox.wait_first_attempt(out, SEND_WAIT)
-    if state == "delivered":
-        # §5.6: the owner accepts the target's updates once our `forwarded` update put it on the route; wait
-        # (within the same 15 s) for that update's first attempt, so a quick answer does not meet a 403.
-        update = next((e for e in node.outbox.entries if e["kind"] == "webhook_update"
-                       and e.get("message_id") == message_id and e["payload"].get("type") == "forwarded"
-                       and e["payload"].get("target_agent_id") == target_agent_id), None)
-        if update is not None:
-            left = SEND_WAIT - (time.monotonic() - started)
-            await node.outbox.wait_first_attempt(update, min(5.0, max(0.1, left)))
     result = {"success": state in ("delivered", "queued"), "message_id": message_id, "target_agent_id": target_agent_id,
               "delivery": state, "hops_remaining": payload["hops_remaining"], "message_still_in_queue": True,
               "last_error": out.get("last_error")}

@@ -234,10 +234,13 @@ class Outbox:
             if "acknowledged" in reply.extra:  # §9.3: fire-and-forget frames to 0.2 peers
                 entry["acknowledged"] = reply.extra["acknowledged"]
             kind = reply.classification
-            if kind == "failed" and not_on_route_yet(entry, reply):
+            race = kind == "failed" and not_on_route_yet(entry, reply)
+            if race:
                 kind = "transient"
             if kind == "transient":
                 delay = min(60.0, 2.0 ** (entry["attempts"] - 1)) * random.uniform(0.8, 1.2)
+                if race and entry["attempts"] == 1:  # the forwarder's update is most likely a moment away
+                    delay = ROUTE_RACE_FIRST_RETRY * random.uniform(0.8, 1.2)
                 if reply.retry_after:
                     delay = max(delay, min(reply.retry_after, 600.0))
                 if time.time() + delay > entry["deadline"]:
@@ -356,6 +359,7 @@ class Outbox:
 
 
 ROUTE_RACE_ATTEMPTS = 4
+ROUTE_RACE_FIRST_RETRY = 0.1  # seconds; the later attempts back off as usual (about 2 and 4 s)
 
 
 def not_on_route_yet(entry: dict, reply: Reply) -> bool:

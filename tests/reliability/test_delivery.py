@@ -165,6 +165,33 @@ async def test_a_response_to_a_sender_that_is_briefly_down_is_retried(tmp_path):
 
 
 @pytest.mark.slow
+async def test_a_forward_returns_on_delivery_and_an_answer_that_beats_the_forwarded_update_is_retried(tmp_path):
+    """§5.3 and §5.6: forward_message returns once the target has the message, without waiting for its
+    ``forwarded`` update to reach the owner. When the target answers before that update arrives, the owner
+    refuses the answer ``not_on_route``; the target retries (the first retry shortly) and the answer lands."""
+    from urllib.parse import urlsplit
+
+    from darkmatter.testing.harness import Harness
+
+    async with Harness(tmp_path, "memory") as dm:
+        a, b, c = await dm.mesh(3)
+        name = {n: urlsplit(n.base_url).hostname for n in (a, b, c)}
+        mid = (await actions.send_message(a, "who knows?", b.agent_id))["message_id"]
+        record = a.state["sent_messages"][mid]
+        held = dm.network.delay(0.5, name[b], name[a], op="webhook_post")  # B's updates to A take 0.5 s
+        forwarded = await actions.forward_message(b, mid, c.agent_id)
+        assert forwarded["delivery"] == "delivered"
+        assert record["updates"] == []  # the call did not wait for the update
+        answered = await actions.respond_message(c, mid, "C knows")
+        assert answered["delivery"] == "delivered", answered
+        dm.network.delays.remove(held)
+    assert [(u["type"], u["agent_id"], u["target_agent_id"]) for u in record["updates"]] == [
+        ("forwarded", b.agent_id, c.agent_id)]
+    assert [(r["agent_id"], r["response"], r["verified"]) for r in record["responses"]] == [
+        (c.agent_id, "C knows", True)]
+    assert record["status"] == "responded"
+
+
 async def test_a_partition_sigstop_then_heals_without_loss_or_duplicates(tmp_path):
     proc = NodeProcess(tmp_path / "b")
     try:
