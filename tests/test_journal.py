@@ -128,3 +128,28 @@ def test_selector_paths_replay_onto_list_items():
     assert replay(state, journal) == 3
     assert state["outbox"] == [{"id": "o2", "n": 7}]
     assert state["inbox"] == [{"message_id": "m1", "forwarded_to": ["x"]}]
+
+
+async def test_appends_run_on_the_loop_only_while_the_disk_has_been_fast_and_stay_durable(tmp_path):
+    """A small append whose measured average is under ``inline_below`` runs on the event loop (no thread
+    hand-off); the first append, and every append while the average is over the bound, go to the writer
+    thread. Either way each record is on disk when append returns, in order."""
+    storage = JsonFileStorage(tmp_path / "state.json")
+    await storage.commit(json.dumps({"agent_id": "a" * 64, "journal_seq": 0}).encode())
+    records = [json.dumps({"seq": i, "ops": [["set", ["n"], i]]}).encode() + b"\n" for i in range(1, 7)]
+    try:
+        storage.inline_below = 3600.0  # any measured disk counts as fast
+        await storage.append(records[0])
+        assert storage.inline_appends == 0  # not measured yet: the thread
+        await storage.append(records[1])
+        await storage.append(records[2])
+        assert storage.inline_appends == 2
+        assert storage.journal_path.read_bytes() == b"".join(records[:3])
+        storage.inline_below = 0.0  # no disk is that fast: back to the thread
+        for record in records[3:]:
+            await storage.append(record)
+        assert storage.inline_appends == 2
+    finally:
+        storage.close()
+    loaded = JsonFileStorage(tmp_path / "state.json").load()
+    assert loaded["n"] == 6 and loaded["journal_seq"] == 6
