@@ -256,13 +256,21 @@ async def serve(node: Node, shutdown: asyncio.Event) -> None:
 
 
 async def wait_ready(node: Node, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout * 100)):
-        if node.http_ready.is_set():
-            return
-        task = node.server_task
-        if task is not None and task.done():
-            task.result()
-        await asyncio.sleep(0.01)
+    """Return once the HTTP server is listening; raise what the server task raised if it ended first."""
+    if node.http_ready.is_set():
+        return
+    ready = asyncio.ensure_future(node.http_ready.wait())
+    waits = {ready} | ({node.server_task} if node.server_task is not None else set())
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ready.cancel()
+    if node.http_ready.is_set():
+        return
+    task = node.server_task
+    if task is not None and task.done():
+        task.result()
+        raise StartupError("HTTP server stopped before it was ready")
     raise TimeoutError("HTTP server did not start")
 
 
