@@ -164,6 +164,8 @@ class MeshGuard:
         try:
             response = await endpoint(request)
         except Exception as exc:  # noqa: BLE001 - answered as the app's exception handlers answer it
+            if self.on_error is None:
+                raise
             response = await self.on_error(request, exc)
         await response(scope, receive, send)
 
