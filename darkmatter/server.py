@@ -127,11 +127,11 @@ class MeshGuard:
     Starlette's two middlewares, its router and its per-route wrappers: on ``POST /__darkmatter__/message``
     that stack cost about as much CPU as the rest of the node's own work besides the signature check."""
 
-    def __init__(self, app, node: Node, direct: dict | None = None, on_error=None):
+    def __init__(self, app, node: Node, direct: dict, handlers: dict):
         self.app = app
         self.node = node
-        self.direct = direct or {}
-        self.on_error = on_error
+        self.direct = direct
+        self.handlers = handlers  # the app's exception handlers: exception class → handler, Exception last
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith(MESH_PREFIXES):
@@ -164,9 +164,8 @@ class MeshGuard:
         try:
             response = await endpoint(request)
         except Exception as exc:  # noqa: BLE001 - answered as the app's exception handlers answer it
-            if self.on_error is None:
-                raise
-            response = await self.on_error(request, exc)
+            handler = next(h for cls, h in self.handlers.items() if isinstance(exc, cls))
+            response = await handler(request, exc)
         await response(scope, receive, send)
 
 
@@ -201,21 +200,14 @@ def build_app(node: Node) -> Any:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"error": "Internal error", "code": "unavailable"}, status_code=503)
 
-    async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, ProtocolError):
-            return await protocol_error(request, exc)
-        if isinstance(exc, HTTPException):
-            return await not_found(request, exc)
-        return await internal_error(request, exc)
-
     routes = list(node.routes)
     if node.mcp is not None:
         routes.append(node.mcp.route())
-    app = Starlette(routes=routes, exception_handlers={
-        HTTPException: not_found, ProtocolError: protocol_error, Exception: internal_error})
+    handlers = {HTTPException: not_found, ProtocolError: protocol_error, Exception: internal_error}
+    app = Starlette(routes=routes, exception_handlers=handlers)
     app.router.redirect_slashes = False  # §2.1: routes are exact and nothing redirects
     app.state.read_timeout = read_timeout(node)
-    return MeshGuard(app, node, direct_routes(routes), on_error)
+    return MeshGuard(app, node, direct_routes(routes), handlers)
 
 
 def _hypercorn_config(node: Node) -> HypercornConfig:
