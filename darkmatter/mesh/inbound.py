@@ -606,6 +606,15 @@ async def peer_update(node: Node, body: dict, caller: Caller) -> dict:
         raise ProtocolError(422, "unverifiable_url", "The new URL could not be verified")
     if outcome != "ok":
         raise forbidden("The new URL serves another identity", "key_mismatch")
+    # NOTE: the check above awaited the network; a later update (or a disconnect) may have landed meanwhile.
+    # Applying this one now would move the URL and the last accepted timestamp back, and the newer update's
+    # exact bytes would then be accepted again as a replay.
+    if node.connections.get(agent_id) is not conn:
+        raise ProtocolError(404, "unknown_agent", "Unknown agent")
+    last = parse_ts(conn.get("last_peer_update_ts"))
+    if last is not None and (sent_at is None or sent_at <= last):
+        raise forbidden("Stale timestamp: a later update was accepted while this one was checked",
+                        "stale_timestamp")
     before = {k: conn.get(k) for k in ("agent_url", "last_peer_update_ts", "health_failures")}
     conn["agent_url"] = new_url
     conn["last_peer_update_ts"] = timestamp

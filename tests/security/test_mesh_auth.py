@@ -6,6 +6,7 @@ leave the node's state byte-for-byte unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -345,3 +346,36 @@ async def test_an_unauthenticated_re_request_cannot_switch_on_downgrade_protecti
         update = await keyless.post(node, f"/__darkmatter__/webhook/{mid}",
                                     {"type": "response", "agent_id": keyless.agent_id, "response": "0.2 answer"})
         assert update.status_code == 200, update.text
+
+
+async def test_an_older_peer_update_checked_while_a_newer_one_lands_is_refused(tmp_path):
+    """§6.3: an update is applied only if it is later than the last accepted one when it is applied, not only
+    when it arrived. The older update's URL check is held back while a newer update lands; applying the
+    older one afterwards would move the last accepted timestamp back and let the newer one be replayed."""
+    from urllib.parse import urlsplit
+
+    from darkmatter.identity import peer_update_string
+    from darkmatter.testing.harness import Harness
+
+    async with Harness(tmp_path, "memory") as dm:
+        a, b = await dm.mesh(2)
+        moved = await dm.restart(b, move=True)
+
+        def update(ts: str) -> dict:
+            return {"agent_id": b.agent_id, "new_url": moved.base_url, "timestamp": ts,
+                    "public_key_hex": b.public_key_hex,
+                    "signature": moved.sign(peer_update_string(b.agent_id, moved.base_url, ts))}
+
+        older, newer = update(now_iso()), update(now_iso())
+        held = dm.network.delay(0.5, urlsplit(a.base_url).hostname, urlsplit(moved.base_url).hostname)
+        first = asyncio.create_task(dm.post(a, "/__darkmatter__/peer_update", older))
+        await asyncio.sleep(0.1)  # the older update is now waiting on its URL check
+        dm.network.delays.remove(held)
+        landed = await dm.post(a, "/__darkmatter__/peer_update", newer)
+        assert landed.status == 200 and landed.body["updated"] is True, landed
+        late = await first
+        assert late.status == 403 and late.body["code"] == "stale_timestamp", late
+        conn = a.connections[b.agent_id]
+        assert conn["agent_url"] == moved.base_url and conn["last_peer_update_ts"] == newer["timestamp"]
+        replay = await dm.post(a, "/__darkmatter__/peer_update", newer)
+        assert replay.status == 403 and replay.body["code"] == "stale_timestamp", replay
