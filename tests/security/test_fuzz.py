@@ -434,8 +434,14 @@ def test_broken_http_framing_is_refused_cleanly(ctx):
         COUNT["requests"] += 1
         status = int(lines[0].split(" ", 2)[1])
         assert status == want_status, (name, data[:300])
+        parser_refusal = body == b"" and length == 0 and headers.get("connection") == "close"
         if want is None:  # the HTTP parser's refusal, before the node saw anything
-            assert body == b"" and headers.get("connection") == "close", (name, data[:300])
+            assert parser_refusal, (name, data[:300])
+        elif want == "invalid_json" and parser_refusal:
+            # "a body cut short": hypercorn's parser sees the end of stream mid-body and, when it gets there
+            # before the node has answered, refuses with its own bare 400 -- the same refusal, from one layer
+            # down (about one run in ten here).
+            pass
         elif want == "status":
             assert json.loads(body)["agent_id"] == ctx.node.agent_id, (name, body[:200])
         elif len(body) < length:
