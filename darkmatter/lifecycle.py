@@ -60,7 +60,9 @@ def read_token(node: Node) -> str:
     return token
 
 
-async def start(node: Node, *, serve: bool = True) -> None:
+async def start(node: Node, *, serve: bool = True, serve_after: asyncio.Event | None = None) -> None:
+    """Start ``node``; with ``serve``, HTTP is answering when this returns -- unless ``serve_after`` is given:
+    then the port is bound and listening, and HTTP starts answering once that event is set."""
     if node.stopping is None:
         node.stopping = asyncio.Event()
     if node.http_ready is None:
@@ -105,8 +107,9 @@ async def start(node: Node, *, serve: bool = True) -> None:
         if serve:
             node.shutdown_event = asyncio.Event()
             node.server_task = asyncio.get_running_loop().create_task(
-                server.serve(node, node.shutdown_event), name=f"http-{node.port}")
-            await server.wait_ready(node)
+                server.serve(node, node.shutdown_event, serve_after), name=f"http-{node.port}")
+            if serve_after is None:
+                await server.wait_ready(node)
         node.started = True
     except BaseException:
         await teardown(node)

@@ -362,9 +362,10 @@ class Node:
 
     # --- lifecycle (darkmatter.lifecycle) --------------------------------------------------
 
-    async def start(self, *, serve: bool = True) -> None:
-        """Take the lock, load state, bind (unless ``serve`` is false), enter plugin lifespans, serve."""
-        await lifecycle.start(self, serve=serve)
+    async def start(self, *, serve: bool = True, serve_after: asyncio.Event | None = None) -> None:
+        """Take the lock, load state, bind (unless ``serve`` is false), enter plugin lifespans, serve (once
+        ``serve_after`` is set, when it is given; see ``lifecycle.start``)."""
+        await lifecycle.start(self, serve=serve, serve_after=serve_after)
 
     async def stop(self) -> None:
         await lifecycle.stop(self)

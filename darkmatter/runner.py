@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 
 LINGER_DEFAULT = 10.0
 OWNER_WAIT = 10.0  # how long a second process waits for the lock holder's HTTP port to answer
+# In stdio mode HTTP starts answering once the stdio session has written its second message (the answers to
+# initialize and, from every client we know, tools/list), or HTTP_AFTER_FIRST_ANSWER s after its first, or
+# HTTP_AFTER_AT_MOST s after the session began, whichever is first: the HTTP server's start-up (hypercorn's
+# import, mostly) stays off the MCP cold start. The port is bound and listening from the start, so a peer
+# connecting meanwhile waits in the backlog.
+HTTP_AFTER_ANSWERS = 2
+HTTP_AFTER_FIRST_ANSWER = 0.5
+HTTP_AFTER_AT_MOST = 5.0
 
 
 def choose_transport(config: Config) -> str:
@@ -106,13 +114,13 @@ def next_free_port(config: Config, taken: int) -> int | None:
     return None
 
 
-async def start_node(config: Config) -> Node:
+async def start_node(config: Config, serve_after: asyncio.Event | None = None) -> Node:
     """Start a node for ``config``, moving to a free port when the configured one is taken.
 
-    Raises ``StateLocked`` when another process runs this agent."""
+    ``serve_after``: see ``lifecycle.start``. Raises ``StateLocked`` when another process runs this agent."""
     node = Node(config)
     try:
-        await node.start()
+        await node.start(serve_after=serve_after)
         return node
     except StartupError:
         taken = config.port
@@ -127,7 +135,7 @@ async def start_node(config: Config) -> Node:
                 "(same state file, same identity)", taken, port)
     config.port = port
     node = Node(config, pm=node.pm)
-    await node.start()
+    await node.start(serve_after=serve_after)
     return node
 
 
@@ -186,7 +194,8 @@ async def _run_stdio(config: Config) -> int:
                         StateLock(Path(config.state_file)).acquire_or_raise_locked()
                         raise StartupError("this MCP session is scoped to one message (DARKMATTER_SESSION_TOKEN) "
                                            "and the node it belongs to is not running")
-                    node = await start_node(config)
+                    http_gate = pipes.when_written(HTTP_AFTER_ANSWERS)
+                    node = await start_node(config, serve_after=http_gate)
                 except StateLocked as exc:
                     info = await wait_for_owner(exc)
                     if info is None:
@@ -217,6 +226,7 @@ async def _run_stdio(config: Config) -> int:
                     source = ReplayPipes(pipes, handover)
                 else:
                     source = pipes
+                node.spawn(_open_when_idle(http_gate, pipes), name="http-gate")
                 return await _serve_stdio(node, source, stop)
             raise StartupError("the state file keeps being locked and released by other processes; stop them "
                                "or use another DARKMATTER_STATE_FILE")
@@ -240,13 +250,29 @@ async def _until_stopped(coro, stop: asyncio.Event):
     return result
 
 
+async def _open_when_idle(gate: asyncio.Event, pipes) -> None:
+    """Set ``gate`` (HTTP may start) HTTP_AFTER_FIRST_ANSWER s after the session's first answer, or
+    HTTP_AFTER_AT_MOST s from now, unless the second answer (which sets it) comes first."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(pipes.when_written(1).wait(), HTTP_AFTER_AT_MOST)
+        await asyncio.wait_for(gate.wait(), HTTP_AFTER_FIRST_ANSWER)
+    gate.set()
+
+
 async def _serve_stdio(node: Node, pipes, stop: asyncio.Event) -> int:
     linger = node.config.get_float("DARKMATTER_STDIO_LINGER_SECONDS", LINGER_DEFAULT)
     try:
         serving = asyncio.ensure_future(node.mcp.serve_stdio(pipes, pipes))
         stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        http = node.server_task
+        await asyncio.wait({serving, stopper} | ({http} if http else set()), return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        if http is not None and http.done() and not serving.done():
+            # HTTP starts after the stdio session's first answers (HTTP_AFTER_*): its failure shows here
+            failure = None if http.cancelled() else http.exception()
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            raise StartupError(f"the HTTP server stopped: {failure or 'it ended unexpectedly'}")
         if serving.done():
             if not serving.cancelled() and serving.exception() is not None:
                 log.warning("stdio session ended: %s", serving.exception())

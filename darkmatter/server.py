@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib
 import inspect
 import json
 import logging
@@ -16,8 +17,6 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -210,7 +209,9 @@ def build_app(node: Node) -> Any:
     return MeshGuard(app, node, direct_routes(routes), handlers)
 
 
-def _hypercorn_config(node: Node) -> HypercornConfig:
+def _hypercorn_config(node: Node) -> Any:
+    from hypercorn.config import Config as HypercornConfig
+
     config = HypercornConfig()
     assert node.socket is not None
     # hypercorn takes ownership of the descriptor it is given and closes it: hand it a duplicate.
@@ -230,7 +231,24 @@ def _hypercorn_config(node: Node) -> HypercornConfig:
     return config
 
 
-async def serve(node: Node, shutdown: asyncio.Event) -> None:
+async def serve(node: Node, shutdown: asyncio.Event, after: asyncio.Event | None = None) -> None:
+    """Serve HTTP on ``node.socket`` until ``shutdown`` is set; with ``after``, only once it is set.
+
+    The socket is bound and listening before this runs, so a peer connecting while HTTP waits for ``after``
+    (a stdio session answering its MCP client first) waits in the listen backlog rather than being refused.
+    hypercorn is imported here (in a thread), not at module import: a stdio session answers before it loads."""
+    if after is not None and not after.is_set():
+        gate = asyncio.ensure_future(after.wait())
+        stopper = asyncio.ensure_future(shutdown.wait())
+        try:
+            await asyncio.wait({gate, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gate.cancel()
+            stopper.cancel()
+        if shutdown.is_set():
+            return
+    # NOTE: off the loop: a stdio session's next tool call is not held up by the import
+    hypercorn_serve = (await asyncio.to_thread(importlib.import_module, "hypercorn.asyncio")).serve
     app = build_app(node)
     node.http_ready.clear()
 

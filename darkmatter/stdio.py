@@ -41,7 +41,18 @@ class StdioPipes:
         self._in_file = None
         self._lock = asyncio.Lock()
         self._diverted: list[tuple[int, int]] = []
+        self._waiters: list[tuple[int, asyncio.Event]] = []
+        self.written = 0  # messages written to stdout
         self.closed = False
+
+    def when_written(self, count: int) -> asyncio.Event:
+        """An event set once ``count`` messages have been written (already set if they have been)."""
+        event = asyncio.Event()
+        if self.written >= count:
+            event.set()
+        else:
+            self._waiters.append((count, event))
+        return event
 
     async def open(self) -> StdioPipes:
         loop = asyncio.get_running_loop()
@@ -122,6 +133,11 @@ class StdioPipes:
                 await self._writer.drain()
             else:
                 await asyncio.to_thread(_write_all, self._out, data)
+            self.written += 1
+            if self._waiters:
+                for count, event in [w for w in self._waiters if w[0] <= self.written]:
+                    event.set()
+                    self._waiters.remove((count, event))
 
     async def flush(self) -> None:
         return None

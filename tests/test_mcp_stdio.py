@@ -179,6 +179,75 @@ async def test_owner_keeps_serving_http_sessions_after_stdin_closes(tmp_path):
             await proc.wait()
 
 
+async def test_http_starts_after_the_stdio_session_answers_and_an_early_peer_waits_for_it(tmp_path):
+    """In stdio mode HTTP starts once the session has answered initialize and tools/list (the HTTP server's
+    start-up stays off the MCP client's cold start). The port is listening from the start: a request that
+    arrives before is not refused, it is answered once the session has answered."""
+    state = tmp_path / "state.json"
+    env = {**node_env(tmp_path, state), "PATH": os.environ.get("PATH", "")}
+    proc = await anyio.open_process(RUN, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+    lines = b""
+
+    async def answer() -> dict:
+        nonlocal lines
+        with anyio.fail_after(60):
+            while b"\n" not in lines:
+                lines += await proc.stdout.receive()
+        line, _, lines = lines.partition(b"\n")
+        return json.loads(line)
+
+    try:
+        port = await wait_until(lambda: read_lock_info(state.with_name("state.json.lock")).get("port"))
+        early = await anyio.connect_tcp("127.0.0.1", port)  # accepted by the kernel's listen backlog
+        await early.send(b"GET /__darkmatter__/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        with anyio.move_on_after(0.5) as waited:
+            await early.receive()
+        assert waited.cancelled_caught, "HTTP answered before the stdio session had answered anything"
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+        await proc.stdin.send(json.dumps(init).encode() + b"\n")
+        assert (await answer())["id"] == 1
+        await proc.stdin.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n'
+                              b'{"jsonrpc": "2.0", "id": 2, "method": "tools/list"}\n')
+        tools = await answer()
+        assert tools["id"] == 2 and any(t["name"] == "darkmatter_status" for t in tools["result"]["tools"])
+        reply = b""
+        with anyio.fail_after(30):
+            try:
+                while True:
+                    reply += await early.receive()
+            except anyio.EndOfStream:
+                pass
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+        me = json.loads(body)
+        assert me["agent_id"] == json.loads(state.read_text())["agent_id"]
+        await proc.stdin.aclose()
+        with anyio.fail_after(15):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_http_starts_without_a_stdio_client_that_says_anything(tmp_path):
+    """A stdio node whose client never writes still serves HTTP (after HTTP_AFTER_AT_MOST seconds)."""
+    state = tmp_path / "state.json"
+    env = {**node_env(tmp_path, state), "PATH": os.environ.get("PATH", "")}
+    proc = await anyio.open_process(RUN, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+    try:
+        port = await wait_until(lambda: read_lock_info(state.with_name("state.json.lock")).get("port"))
+        async with httpx2.AsyncClient(trust_env=False, timeout=30) as http:
+            reply = await http.get(f"http://127.0.0.1:{port}/.well-known/darkmatter.json")
+        assert reply.status_code == 200 and reply.json()["agent_id"]
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
 async def _run_once(env: dict, *, stdin: bytes = b"", timeout: float = 30) -> subprocess.CompletedProcess:
     env = {**env, "PATH": os.environ.get("PATH", "")}
     with anyio.fail_after(timeout):
