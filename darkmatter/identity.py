@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from darkmatter.wire import cj, h, h_metadata
@@ -27,7 +26,7 @@ class Identity:
     @classmethod
     def from_private_hex(cls, private_hex: str) -> Identity:
         key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(private_hex))
-        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        public = key.public_key().public_bytes_raw()
         return cls(private_key_hex=private_hex.lower(), public_key_hex=public.hex())
 
     def sign(self, text: str) -> str:

@@ -12,7 +12,7 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Iterable
+from typing import Any, Iterable
 
 import pluggy
 
@@ -38,10 +38,18 @@ class PluginError(Exception):
 @dataclass
 class PluginInfo:
     name: str
-    version: str | None
     module: str
     builtin: bool = False
     hooks: list[str] = field(default_factory=list)
+    dist: Any = field(default=None, repr=False, compare=False)  # the installed distribution, if any
+    known_version: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        """The plugin's version; a distribution's is read from its metadata when first asked, not at start."""
+        if self.known_version is None and self.dist is not None:
+            self.known_version = self.dist.version
+        return self.known_version
 
 
 def installed_plugins() -> dict[str, object]:
@@ -74,7 +82,7 @@ def build_plugin_manager(
     for modname in BUILTINS:
         module = importlib.import_module(modname)
         pm.register(module, name=modname)
-        infos.append(PluginInfo(modname.rsplit(".", 1)[1], None, modname, builtin=True))
+        infos.append(PluginInfo(modname.rsplit(".", 1)[1], modname, builtin=True))
 
     available = installed_plugins() if entrypoints else {}
     wanted = _parse_selection(selection)
@@ -100,12 +108,11 @@ def build_plugin_manager(
                 raise PluginError(f"Plugin {name!r} {what}: {type(exc).__name__}: {exc}") from exc
             log.warning("skipping plugin %r: %s: %s: %s", name, what, type(exc).__name__, exc)
             continue
-        version = ep.dist.version if getattr(ep, "dist", None) is not None else None
-        infos.append(PluginInfo(name, version, getattr(module, "__name__", repr(module))))
+        infos.append(PluginInfo(name, getattr(module, "__name__", repr(module)), dist=getattr(ep, "dist", None)))
     for i, plugin in enumerate(extra):
         name = getattr(plugin, "__name__", None) or getattr(plugin, "name", None) or f"extra-{i}"
         pm.register(plugin, name=name)
-        infos.append(PluginInfo(name, getattr(plugin, "__version__", None), name))
+        infos.append(PluginInfo(name, name, known_version=getattr(plugin, "__version__", None)))
     for info in infos:
         plugin = pm.get_plugin(info.module if info.builtin else info.name)
         info.hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
