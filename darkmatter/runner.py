@@ -36,10 +36,9 @@ LINGER_DEFAULT = 10.0
 OWNER_WAIT = 10.0  # how long a second process waits for the lock holder's HTTP port to answer
 # In stdio mode HTTP starts answering once the stdio session has written its second message (the answers to
 # initialize and, from every client we know, tools/list), or HTTP_AFTER_FIRST_ANSWER s after its first, or
-# HTTP_AFTER_AT_MOST s after the session began, whichever is first: the HTTP server's start-up (hypercorn's
-# import, mostly) stays off the MCP cold start. The port is bound and listening from the start, so a peer
-# connecting meanwhile waits in the backlog.
-HTTP_AFTER_ANSWERS = 2
+# HTTP_AFTER_AT_MOST s after the session began, whichever is first (see _open_http_gate): the HTTP server's
+# start-up (hypercorn's import, mostly) stays off the MCP cold start. The port is bound and listening from the
+# start, so a peer connecting meanwhile waits in the backlog.
 HTTP_AFTER_FIRST_ANSWER = 0.5
 HTTP_AFTER_AT_MOST = 5.0
 
@@ -194,7 +193,7 @@ async def _run_stdio(config: Config) -> int:
                         StateLock(Path(config.state_file)).acquire_or_raise_locked()
                         raise StartupError("this MCP session is scoped to one message (DARKMATTER_SESSION_TOKEN) "
                                            "and the node it belongs to is not running")
-                    http_gate = pipes.when_written(HTTP_AFTER_ANSWERS)
+                    http_gate = asyncio.Event()
                     node = await start_node(config, serve_after=http_gate)
                 except StateLocked as exc:
                     info = await wait_for_owner(exc)
@@ -226,7 +225,7 @@ async def _run_stdio(config: Config) -> int:
                     source = ReplayPipes(pipes, handover)
                 else:
                     source = pipes
-                node.spawn(_open_when_idle(http_gate, pipes), name="http-gate")
+                node.spawn(_open_http_gate(http_gate, pipes), name="http-gate")
                 return await _serve_stdio(node, source, stop)
             raise StartupError("the state file keeps being locked and released by other processes; stop them "
                                "or use another DARKMATTER_STATE_FILE")
@@ -250,12 +249,12 @@ async def _until_stopped(coro, stop: asyncio.Event):
     return result
 
 
-async def _open_when_idle(gate: asyncio.Event, pipes) -> None:
-    """Set ``gate`` (HTTP may start) HTTP_AFTER_FIRST_ANSWER s after the session's first answer, or
-    HTTP_AFTER_AT_MOST s from now, unless the second answer (which sets it) comes first."""
+async def _open_http_gate(gate: asyncio.Event, pipes) -> None:
+    """Set ``gate`` (HTTP may start) once the session has written its second message, at most
+    HTTP_AFTER_FIRST_ANSWER s after its first and HTTP_AFTER_AT_MOST s from now."""
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(pipes.when_written(1).wait(), HTTP_AFTER_AT_MOST)
-        await asyncio.wait_for(gate.wait(), HTTP_AFTER_FIRST_ANSWER)
+        await asyncio.wait_for(pipes.when_written(2).wait(), HTTP_AFTER_FIRST_ANSWER)
     gate.set()
 
 
