@@ -266,19 +266,27 @@ async def test_a_relayed_stdio_session_gets_the_channel_notifications_too(tmp_pa
 # --- wait_for_message ---------------------------------------------------------------------------------------
 
 
+async def wait_while_a_sends(a, b, session: Client, text: str, *, timeout_seconds: int, send_after: float = 0.0,
+                            answer_within: float = 10) -> tuple[dict, dict]:
+    """``darkmatter_wait_for_message`` on ``session`` (B's); once B counts it waiting (and ``send_after`` s more),
+    A sends ``text`` to B. Returns (the wait's result, the send's result)."""
+    results: list = []
+
+    async def wait() -> None:
+        results.append(await call(session, "darkmatter_wait_for_message", timeout_seconds=timeout_seconds))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait)
+        await wait_for(lambda: b.mcp.channel.waiting == 1)
+        await anyio.sleep(send_after)
+        sent = await actions.send_message(a, text, b.agent_id)
+        await wait_for(lambda: results, timeout=answer_within)
+    return results[0], sent
+
+
 async def test_wait_returns_when_a_message_arrives(tmp_path):
     async with mesh(tmp_path, 2) as (a, b), mcp_client(b) as c:
-        results: list = []
-
-        async def wait() -> None:
-            results.append(await call(c, "darkmatter_wait_for_message", timeout_seconds=120))
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(wait)
-            await wait_for(lambda: b.mcp.channel.waiting == 1)
-            sent = await actions.send_message(a, "wake up", b.agent_id)
-            await wait_for(lambda: results, timeout=10)
-        result = results[0]
+        result, sent = await wait_while_a_sends(a, b, c, "wake up", timeout_seconds=120)
         assert result["timed_out"] is False
         assert [(m["message_id"], m["content"], m["unread"]) for m in result["messages"]] == [
             (sent["message_id"], "wake up", True)]
@@ -290,19 +298,11 @@ async def test_a_wait_over_http_outlives_the_read_timeout(tmp_path):
     timeout (DARKMATTER_HTTP_READ_TIMEOUT, for slow clients) must not cut it. A message arriving after twice
     that timeout still reaches the waiting call, and a wait longer than it ends cleanly."""
     async with mesh(tmp_path, 2, DARKMATTER_HTTP_READ_TIMEOUT="1") as (a, b), mcp_client(b) as c:
-        results: list = []
-
-        async def wait() -> None:
-            results.append(await call(c, "darkmatter_wait_for_message", timeout_seconds=60))
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(wait)
-            await wait_for(lambda: b.mcp.channel.waiting == 1)
-            await anyio.sleep(2.5)  # well past the 1 s read timeout, with nothing sent by the client
-            sent = await actions.send_message(a, "still there?", b.agent_id)
-            await wait_for(lambda: results, timeout=20)
-        assert results[0]["timed_out"] is False
-        assert [m["message_id"] for m in results[0]["messages"]] == [sent["message_id"]]
+        # sent well past the 1 s read timeout, with nothing sent by the client meanwhile
+        result, sent = await wait_while_a_sends(a, b, c, "still there?", timeout_seconds=60, send_after=2.5,
+                                                answer_within=20)
+        assert result["timed_out"] is False
+        assert [m["message_id"] for m in result["messages"]] == [sent["message_id"]]
         await call(c, "darkmatter_get_message", message_id=sent["message_id"])
         empty = await call(c, "darkmatter_wait_for_message", timeout_seconds=3)
         assert empty["timed_out"] is True and empty["messages"] == []
