@@ -31,7 +31,7 @@ from darkmatter.scope import ENV as SESSION_ENV
 from darkmatter.scope import SPAWNED_AGENT_TOOLS
 from darkmatter.scope import grant as grant_session_scope
 from darkmatter.scope import revoke as revoke_session_scope
-from darkmatter.server import client_ip, error_response, read_body, read_json
+from darkmatter.server import JSONAnswer, client_ip, error_response, read_body, read_json
 from darkmatter.storage import Storage
 from darkmatter.tools import Session, Tool, ToolError, boolean, integer, string
 from darkmatter.wire import (FRESH_SECONDS, MAX_BODY, MAX_ID, ProtocolError, bad, check_content, check_id,
@@ -59,7 +59,7 @@ __all__ = [
     "respond_message", "expire_message", "ask_impression", "fetch_well_known", "recover",
     "broadcast_peer_update", "agent_url_for", "known_03", "mark_03",
     # HTTP route helpers (for plugins that serve routes on the node's port)
-    "read_json", "read_body", "error_response", "client_ip",
+    "read_json", "read_body", "error_response", "JSONAnswer", "client_ip",
     # identity and signatures (docs/protocol.md §3)
     "Identity", "verify", "v1_string", "v2_string", "v2_message", "v2_webhook_update", "v2_beacon",
     "peer_update_string",

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match, Route
 
 from darkmatter.errors import StartupError
-from darkmatter.wire import MAX_BODY, ProtocolError, loads_object
+from darkmatter.wire import MAX_BODY, ProtocolError, dumps_compact, loads_object
 
 if TYPE_CHECKING:
     from darkmatter.node import Node
@@ -57,13 +57,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class JSONAnswer(JSONResponse):
+    """A JSON answer as Starlette's JSONResponse writes it (compact, UTF-8; a float may be spelt differently,
+    1e-7 for 1e-07), encoded several times faster: it is on the path of every mesh request. See
+    ``wire.dumps_compact``."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps_compact(content)
+
+
 def error_response(exc: ProtocolError) -> JSONResponse:
     headers = {}
     if exc.status == 429 and "retry_after" in exc.extra:
         headers["Retry-After"] = str(exc.extra["retry_after"])
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONAnswer(exc.body(), status_code=exc.status, headers=headers)
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:

@@ -32,6 +32,8 @@ import json
 import logging
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
+from darkmatter.wire import dumps_compact
+
 log = logging.getLogger(__name__)
 
 JOURNAL_SEQ_KEY = "journal_seq"
@@ -258,4 +260,4 @@ class Persister:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    return dumps_compact(value, newline=True)

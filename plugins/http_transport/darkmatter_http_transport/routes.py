@@ -4,11 +4,10 @@ thin adapter that parses the request, calls the kernel's ``handle`` and writes i
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from darkmatter.api import (REFUSED_WHEN_INACTIVE, ROUTES, Caller, ProtocolError, client_ip, error_response, handle,
-                            inactive_check, read_json)
+from darkmatter.api import (REFUSED_WHEN_INACTIVE, ROUTES, Caller, JSONAnswer, ProtocolError, client_ip,
+                            error_response, handle, inactive_check, read_json)
 
 
 def caller_of(request: Request, trusted: frozenset = frozenset()) -> Caller:
@@ -46,13 +45,13 @@ def build_routes(node) -> list[Route]:
     def adapter(method: str, op: str, param: str | None):
         refuse_first = op in REFUSED_WHEN_INACTIVE
 
-        async def endpoint(request: Request) -> JSONResponse:
+        async def endpoint(request: Request) -> JSONAnswer:
             try:
                 if refuse_first:
                     inactive_check(node)
                 body = await read_json(request) if method == "POST" else None
                 arg = request.path_params[param] if param else None
-                return JSONResponse(await handle(node, op, caller_of(request, trusted), body, arg))
+                return JSONAnswer(await handle(node, op, caller_of(request, trusted), body, arg))
             except ProtocolError as exc:
                 return error_response(exc)
         return endpoint
