@@ -78,7 +78,10 @@ def error_response(exc: ProtocolError) -> JSONResponse:
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     """Read the request body, refusing (413) anything over `limit` without buffering it, and (408) a body
     that has not fully arrived within the read timeout, however steadily it trickles in (slow loris)."""
-    declared = request.headers.get("content-length")
+    # NOTE: the raw header pairs (names are lowercase in ASGI), not request.headers: building Starlette's
+    # Headers view for one header cost more than the scan.
+    declared = next((value.decode("latin-1") for name, value in request.scope["headers"]
+                     if name == b"content-length"), None)
     if declared is not None:
         if not declared.isdigit():
             raise ProtocolError(400, "invalid_field", "Invalid Content-Length")

@@ -412,8 +412,28 @@ def is_loopback_host(host: str) -> bool:
 # --- webhook shape (§7.1) ------------------------------------------------------------------
 
 
+WEBHOOK_PATH = "/__darkmatter__/webhook/"
+
+
 def webhook_problem(webhook: Any, message_id: str) -> str | None:
     """Return why `webhook` is not a valid webhook for `message_id`, or None if it is."""
+    # NOTE: a sender puts the same base before every webhook of its messages. For a valid message id (only
+    # A-Z a-z 0-9 - . _ ~, never "." or "..") every check below but the length depends on the base alone:
+    # the id brings no ':', '/', '?', '#', '%', '\\', space or dot segment. So a base's verdict is computed
+    # once, with a stand-in id, and remembered: parsing the URL was ~5 % of the CPU of accepting a message.
+    if type(webhook) is str and len(webhook) <= MAX_URL and is_message_id(message_id):
+        tail = WEBHOOK_PATH + message_id
+        if webhook.endswith(tail):
+            return _webhook_base_problem(webhook[:-len(tail)])
+    return _webhook_problem(webhook, message_id)
+
+
+@functools.lru_cache(maxsize=256)
+def _webhook_base_problem(base: str) -> str | None:
+    return _webhook_problem(base + WEBHOOK_PATH + "x", "x")
+
+
+def _webhook_problem(webhook: Any, message_id: str) -> str | None:
     try:
         if not isinstance(webhook, str) or not webhook or len(webhook) > MAX_URL or _CONTROL_OR_SPACE.search(webhook):
             check_url(webhook, "webhook")  # raises with the reason
@@ -428,7 +448,7 @@ def webhook_problem(webhook: Any, message_id: str) -> str | None:
     segments = path.split("/")
     if any(s in (".", "..") for s in segments):
         return "webhook path must not contain '.' or '..' segments"
-    if not path.endswith("/__darkmatter__/webhook/" + message_id):
+    if not path.endswith(WEBHOOK_PATH + message_id):
         return "webhook path must end with /__darkmatter__/webhook/<message_id>"
     return None
 

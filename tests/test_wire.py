@@ -1,8 +1,8 @@
-"""The fast paths of the wire rules (docs/protocol.md §2.1) decide exactly as the plain rules do.
+"""The fast paths of the wire rules (docs/protocol.md §2.1, §7.1) decide exactly as the plain rules do.
 
-Reading a mesh body and writing a journal record or an answer are on the path of every accepted message, so
-each has a fast path (orjson). These properties hold them to the plain rules: same values with the same types,
-same refusals.
+Reading a mesh body, writing a journal record or an answer, and checking a webhook are on the path of every
+accepted message, so each has a fast path (orjson; a webhook base's verdict remembered). These properties
+hold them to the plain rules: same values with the same types, same refusals, same verdicts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from darkmatter.wire import ProtocolError, dumps_compact, loads_strict
+from darkmatter import wire
+from darkmatter.wire import ProtocolError, dumps_compact, loads_strict, webhook_problem
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -120,3 +121,32 @@ def test_compact_json_takes_the_plain_path_for_what_orjson_refuses():
     assert dumps_compact([float("nan"), float("inf")]) == b"[null,null]"
     with pytest.raises(UnicodeEncodeError):
         dumps_compact({"a": "\ud800"})  # a lone surrogate cannot be written as UTF-8 either way
+
+
+# --- webhooks (§7.1) ------------------------------------------------------------------------------------------
+
+BASES = ["http://127.0.0.1:8100", "https://example.com", "http://[::1]:9", "memory://n1", "http:/", "http:", "http://",
+         "http://a@b:1", "http://h:0", "http://h:", "http://h/x/./y", "http://h/x/../y", "http://h?q", "http://h#f",
+         "http://h/%41", "http://h\\x", "ftp://h", "//h", "h", "", "HTTP://H:65535/p", "http://h:65536", "http://[::1",
+         "http://h /"]
+message_ids = st.from_regex(r"\A[A-Za-z0-9\-._~]{1,40}\Z").filter(lambda m: m not in (".", ".."))
+
+
+@SETTINGS
+@given(base=st.sampled_from(BASES), edit=st.text(alphabet="abc:/?#%@.[]\\ \t~-_9", max_size=3),
+       at=st.integers(min_value=0, max_value=30), first=message_ids, second=message_ids,
+       other=st.sampled_from(["", ".", "..", "a/b", "a?b", "é", "a:b", "x" * 2100]))
+def test_a_webhook_verdict_is_the_full_check_for_every_message_id(base, edit, at, first, second, other):
+    base = base[:at] + edit + base[at:]
+    for mid in (first, second, other):
+        for webhook in (base + wire.WEBHOOK_PATH + mid, base + wire.WEBHOOK_PATH + mid + "/",
+                        base + wire.WEBHOOK_PATH + first):
+            assert webhook_problem(webhook, mid) == wire._webhook_problem(webhook, mid)
+
+
+def test_a_remembered_base_still_refuses_a_webhook_too_long():
+    base = "http://127.0.0.1:8100/" + "p" * (wire.MAX_URL - 22 - len(wire.WEBHOOK_PATH) - 2)
+    assert webhook_problem(base + wire.WEBHOOK_PATH + "m1", "m1") is None  # the base is remembered as good
+    webhook = base + wire.WEBHOOK_PATH + "m12"
+    assert len(webhook) == wire.MAX_URL + 1
+    assert webhook_problem(webhook, "m12") == f"Field 'webhook' is longer than {wire.MAX_URL} characters"

@@ -417,16 +417,17 @@ async def message(node: Node, body: dict, caller: Caller) -> dict:
     if seen(node, message_id):
         return {"success": True, "duplicate": True}
     inbox, index = admit(node, sender)
+    now = now_iso()
     entry = {"message_id": message_id, "content": body["content"], "webhook": body["webhook"],
              "hops_remaining": min(hops, HOPS_CAP), "from_agent_id": sender, "metadata": metadata,
-             "received_at": now_iso(), "verified": verified, "signature_version": sig_version,
+             "received_at": now, "verified": verified, "signature_version": sig_version,
              "forwarded_to": [], "transport": caller.transport}
     counters = (node.state.get("messages_handled", 0), {k: conn.get(k) for k in (
         "messages_received", "last_activity", "health_failures")})
     enqueue(node, inbox, index, entry)
     node.state["messages_handled"] = node.state.get("messages_handled", 0) + 1
     conn["messages_received"] = conn.get("messages_received", 0) + 1
-    conn["last_activity"] = now_iso()
+    conn["last_activity"] = now
     if verified:
         conn["health_failures"] = 0
 
