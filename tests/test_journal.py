@@ -131,9 +131,10 @@ def test_selector_paths_replay_onto_list_items():
 
 
 async def test_appends_run_on_the_loop_only_while_the_disk_has_been_fast_and_stay_durable(tmp_path):
-    """A small append whose measured average is under ``inline_below`` runs on the event loop (no thread
-    hand-off); the first append, and every append while the average is over the bound, go to the writer
-    thread. Either way each record is on disk when append returns, in order."""
+    """A small append of one record whose measured average is under ``inline_below`` runs on the event loop
+    (no thread hand-off); the first append, an append of several records (a group commit: the loop has other
+    work) and every append while the average is over the bound go to the writer thread. Either way each
+    record is on disk when append returns, in order."""
     storage = JsonFileStorage(tmp_path / "state.json")
     await storage.commit(json.dumps({"agent_id": "a" * 64, "journal_seq": 0}).encode())
     records = [json.dumps({"seq": i, "ops": [["set", ["n"], i]]}).encode() + b"\n" for i in range(1, 7)]
@@ -145,9 +146,11 @@ async def test_appends_run_on_the_loop_only_while_the_disk_has_been_fast_and_sta
         await storage.append(records[2])
         assert storage.inline_appends == 2
         assert storage.journal_path.read_bytes() == b"".join(records[:3])
+        await storage.append(records[3] + records[4])  # a group commit: the thread
+        assert storage.inline_appends == 2
+        assert storage.journal_path.read_bytes() == b"".join(records[:5])
         storage.inline_below = 0.0  # no disk is that fast: back to the thread
-        for record in records[3:]:
-            await storage.append(record)
+        await storage.append(records[5])
         assert storage.inline_appends == 2
     finally:
         storage.close()
