@@ -211,8 +211,24 @@ class Persister:
                 keep.append((generation, waiter))
         self._waiters = keep
 
+    async def _gather(self, rounds: int = 8) -> None:
+        """Let the work the event loop already has ready run first, while it keeps adding records (at most
+        ``rounds`` passes): they join this write instead of waiting for the next one.
+
+        NOTE: only when more than one record waits (changes arriving faster than the disk takes them; one at
+        a time, nothing is held back). No timer: a pass ends as soon as the ready callbacks have run. With 16
+        concurrent senders this made the group commits ~1.5x larger (~10 records instead of ~6.5), and the
+        node's system CPU per message (mostly fsync) fell by about half in the runs measured."""
+        for _ in range(rounds):
+            before = len(self._pending)
+            await asyncio.sleep(0)
+            if len(self._pending) == before:
+                return
+
     async def _write_loop(self) -> None:
         while self._durable < self._dirty:
+            if len(self._pending) > 1:
+                await self._gather()
             generation = self._dirty
             # NOTE: the journal may grow as large as the snapshot before it is folded in: rewriting a 13 MB state
             # every 4 MiB of journal cost more CPU than all the appends in between (and held the loop ~65 ms).

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from darkmatter.builtin.json_storage import JsonFileStorage
-from darkmatter.storage import replay
+from darkmatter.storage import Persister, replay
 from darkmatter.testing import RawPeer, node_context
 
 pytestmark = pytest.mark.anyio
@@ -156,3 +156,36 @@ async def test_appends_run_on_the_loop_only_while_the_disk_has_been_fast_and_sta
         storage.close()
     loaded = JsonFileStorage(tmp_path / "state.json").load()
     assert loaded["n"] == 6 and loaded["journal_seq"] == 6
+
+
+async def test_records_the_loop_already_has_ready_join_the_group_commit(tmp_path):
+    """When more than one record waits for the disk, the writer first lets the callbacks the event loop already
+    has ready run (no timer), while they keep adding records: they go in the same append instead of the next."""
+    storage = JsonFileStorage(tmp_path / "state.json")
+    state = {"agent_id": "a" * 64, "n": 0}
+    persister = Persister(storage, lambda: state)
+    await persister.flush()
+    appends_before = persister.appends
+
+    last = asyncio.Event()
+
+    def change(n: int, then=None) -> None:
+        state["n"] = n
+        persister.mark([("set", ["n"], n)])
+        if then is not None:
+            asyncio.get_running_loop().call_soon(then)
+        if n == 5:
+            last.set()
+
+    try:
+        change(1)
+        change(2)  # two records before the writer runs: it gathers
+        asyncio.get_running_loop().call_soon(change, 3, lambda: change(4, lambda: change(5)))
+        await last.wait()
+        await persister.drain()  # every record marked so far is on disk
+        assert persister.appends - appends_before == 1, "records ready on the loop waited for another fsync"
+        assert storage.journal_path.read_bytes().count(b"\n") == 5
+    finally:
+        storage.close()
+    loaded = JsonFileStorage(tmp_path / "state.json").load()
+    assert loaded["n"] == 5
