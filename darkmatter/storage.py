@@ -28,6 +28,7 @@ on such a segment replaces the item, ``del`` removes it from the list.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
@@ -51,11 +52,24 @@ class Storage(Protocol):
     async def commit(self, data: bytes) -> None:
         """Make ``data`` (a JSON document) the stored state, durably, and empty the journal."""
 
-    async def append(self, records: bytes) -> None:
-        """Append journal records (JSON lines) durably. Optional: without it every save is a snapshot."""
+    async def append(self, records: bytes, *, waiters: int = 1) -> None:
+        """Append journal records (JSON lines) durably. Optional: without it every save is a snapshot.
+
+        ``waiters`` (optional keyword; a storage whose ``append`` does not take it is called without it) is how
+        many saves wait for these records: more than one means requests are being served side by side, so the
+        event loop has other work; one means a single request waits, the rest being changes that ride along
+        (delivery bookkeeping, read marks)."""
 
     def close(self) -> None:
         """Release resources. Called once at shutdown after the final commit."""
+
+
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 class _Gone(Exception):
@@ -139,6 +153,7 @@ class Persister:
         self.storage = storage
         self._snapshot = snapshot
         self._journal = callable(getattr(storage, "append", None))
+        self._hinted = self._journal and _takes_keyword(storage.append, "waiters")  # type: ignore[attr-defined]
         self._journal_limit = journal_limit
         self._journal_bytes = 0
         self._snapshot_bytes = 0  # size of the last snapshot written
@@ -244,7 +259,11 @@ class Persister:
                     self.commits += 1
                 else:
                     data = b"".join(batch)
-                    await self.storage.append(data)  # type: ignore[attr-defined]
+                    if self._hinted:
+                        waiters = sum(1 for g, w in self._waiters if g <= generation and not w.done())
+                        await self.storage.append(data, waiters=waiters)  # type: ignore[attr-defined]
+                    else:
+                        await self.storage.append(data)  # type: ignore[attr-defined]
                     self._journal_bytes += len(data)
                     self.appends += 1
             except Exception as exc:  # noqa: BLE001 - reported to every waiter

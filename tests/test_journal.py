@@ -131,31 +131,68 @@ def test_selector_paths_replay_onto_list_items():
 
 
 async def test_appends_run_on_the_loop_only_while_the_disk_has_been_fast_and_stay_durable(tmp_path):
-    """A small append of one record whose measured average is under ``inline_below`` runs on the event loop
-    (no thread hand-off); the first append, an append of several records (a group commit: the loop has other
-    work) and every append while the average is over the bound go to the writer thread. Either way each
-    record is on disk when append returns, in order."""
+    """A small append that one save waits for, whose measured average is under ``inline_below``, runs on the
+    event loop (no thread hand-off); the first append, an append that several saves wait for (a group commit:
+    the loop has other work), one nobody waits for, and every append while the average is over the bound go
+    to the writer thread. Either way each record is on disk when append returns, in order."""
     storage = JsonFileStorage(tmp_path / "state.json")
     await storage.commit(json.dumps({"agent_id": "a" * 64, "journal_seq": 0}).encode())
-    records = [json.dumps({"seq": i, "ops": [["set", ["n"], i]]}).encode() + b"\n" for i in range(1, 7)]
+    records = [json.dumps({"seq": i, "ops": [["set", ["n"], i]]}).encode() + b"\n" for i in range(1, 8)]
     try:
         storage.inline_below = 3600.0  # any measured disk counts as fast
         await storage.append(records[0])
         assert storage.inline_appends == 0  # not measured yet: the thread
         await storage.append(records[1])
-        await storage.append(records[2])
+        await storage.append(records[2] + records[3], waiters=1)  # one save, a deferred change riding along
         assert storage.inline_appends == 2
-        assert storage.journal_path.read_bytes() == b"".join(records[:3])
-        await storage.append(records[3] + records[4])  # a group commit: the thread
+        assert storage.journal_path.read_bytes() == b"".join(records[:4])
+        await storage.append(records[4], waiters=3)  # a group commit: the thread
+        await storage.append(records[5], waiters=0)  # nobody waits: the thread
         assert storage.inline_appends == 2
-        assert storage.journal_path.read_bytes() == b"".join(records[:5])
+        assert storage.journal_path.read_bytes() == b"".join(records[:6])
         storage.inline_below = 0.0  # no disk is that fast: back to the thread
-        await storage.append(records[5])
+        await storage.append(records[6])
         assert storage.inline_appends == 2
     finally:
         storage.close()
     loaded = JsonFileStorage(tmp_path / "state.json").load()
-    assert loaded["n"] == 6 and loaded["journal_seq"] == 6
+    assert loaded["n"] == 7 and loaded["journal_seq"] == 7
+
+
+async def persisted_counter(storage):
+    """A state with a counter ``n`` over ``storage``, its Persister, and ``save(n)``: set n, await its save."""
+    state = {"agent_id": "a" * 64, "n": 0}
+    persister = Persister(storage, lambda: state)
+    await persister.flush()
+
+    async def save(n: int) -> None:
+        state["n"] = n
+        await persister.save([("set", ["n"], n)])
+    return state, persister, save
+
+
+async def test_the_persister_tells_the_storage_how_many_saves_wait_for_an_append(tmp_path):
+    """One request's save with deferred changes riding along is appended on the event loop (one save waits);
+    saves of requests served side by side are group committed on the writer thread (several wait)."""
+    storage = JsonFileStorage(tmp_path / "state.json")
+    storage.inline_below = 3600.0  # any measured disk counts as fast
+    state, persister, save = await persisted_counter(storage)
+    try:
+        await save(1)  # the first append measures the disk (thread)
+        inline = storage.inline_appends
+        state["read"] = True
+        persister.mark([("set", ["read"], True)], within=60.0)  # a read mark: rides on the next write
+        await save(2)
+        assert storage.inline_appends == inline + 1, "one save with a change riding along went to the thread"
+        assert storage.journal_path.read_bytes().count(b"\n") == 3
+        appends = persister.appends
+        await asyncio.gather(save(3), save(4), save(5))
+        assert persister.appends == appends + 1  # one group commit ...
+        assert storage.inline_appends == inline + 1, "a group commit of three saves held the event loop"
+    finally:
+        storage.close()
+    loaded = JsonFileStorage(tmp_path / "state.json").load()
+    assert loaded["n"] == 5 and loaded["read"] is True
 
 
 async def test_records_the_loop_already_has_ready_join_the_group_commit(tmp_path):
@@ -189,3 +226,35 @@ async def test_records_the_loop_already_has_ready_join_the_group_commit(tmp_path
         storage.close()
     loaded = JsonFileStorage(tmp_path / "state.json").load()
     assert loaded["n"] == 5
+
+
+class PlainJournal:
+    """A journaling storage written against the protocol before ``append`` took ``waiters``."""
+    name = "plain"
+
+    def __init__(self):
+        self.snapshot: bytes | None = None
+        self.journal = b""
+
+    def load(self):
+        return None
+
+    async def commit(self, data: bytes) -> None:
+        self.snapshot, self.journal = data, b""
+
+    async def append(self, records: bytes) -> None:
+        self.journal += records
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_storage_whose_append_takes_no_hint_is_called_without_it():
+    storage = PlainJournal()
+    state, persister, save = await persisted_counter(storage)
+    await save(1)
+    await asyncio.gather(save(2), save(3))
+    assert persister.error is None and persister.appends == 2
+    replayed = json.loads(storage.snapshot)
+    replay(replayed, storage.journal)
+    assert replayed["n"] == 3
