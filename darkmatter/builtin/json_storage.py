@@ -208,8 +208,8 @@ class JsonFileStorage:
         through the fsync cost up to a fifth of the messages/s at 16 concurrent senders. The number of records
         is no such sign: one request's save usually carries a few deferred changes along (read marks,
         delivery bookkeeping; in a trace of the roundtrip bench nearly every step's save did), so counting
-        records sent those appends to the thread too. One slow fsync moves the average over the bound and later appends back to the thread, where they are
-        measured until the disk is fast again."""
+        records sent those appends to the thread too. One slow fsync moves the average over the bound and
+        later appends back to the thread, where they are measured until the disk is fast again."""
         if (waiters == 1 and self._append_s is not None and self._append_s < self.inline_below
                 and len(records) <= INLINE_APPEND_MAX and self._writer.idle):
             self._timed_append(records)
